@@ -1,0 +1,12 @@
+"""ltnet-keras: LT-Net (Wang et al., CVPR 2020) one-shot atlas-based segmentation in tf.keras.
+
+Importing the package prepares the environment (Keras 2 through ``tf.keras``, neurite's
+``getargspec``) before anything imports TensorFlow; TensorFlow itself is only imported by the
+modules that need it, so data handling and evaluation stay quick to start.
+"""
+from ltnet_keras._compat import install_getargspec_shim, require_legacy_keras
+
+require_legacy_keras()
+install_getargspec_shim()
+
+__version__ = "0.1.0"

@@ -1,0 +1,159 @@
+"""``ltnet`` command line: thin wrappers that parse arguments and call the package."""
+import argparse
+import sys
+from pathlib import Path
+
+from ltnet_keras.config import (PRESETS, SEGMENT_INTERPOLATIONS, DataConfig, config_from_dict,
+                                default_data_root, load_config)
+from ltnet_keras.data.errors import VolumeError
+
+
+def _config_with_overrides(args):
+    overrides = {}
+    if getattr(args, "preset", None):
+        overrides["preset"] = args.preset
+    if getattr(args, "steps", None) is not None:
+        overrides["train.steps"] = args.steps
+    if getattr(args, "data", None):
+        overrides["data.root"] = str(args.data)
+    if getattr(args, "seed", None) is not None:
+        overrides["train.seed"] = args.seed
+    if args.config:
+        return load_config(args.config, overrides)
+    values = {}
+    for dotted, value in overrides.items():
+        node = values
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+    return config_from_dict(values)
+
+
+def cmd_prepare(args):
+    from ltnet_keras.data.dataset import prepare_subjects, write_prepared
+    from ltnet_keras.data.io import find_subjects
+    from ltnet_keras.data.labels import LabelTable
+    config = _config_with_overrides(args)
+    data = config.data
+    table = LabelTable.from_tsv(data.resolved_labels_tsv())
+    subjects = args.subjects or sorted(find_subjects(data.resolved_root()))
+    prepared = prepare_subjects(data, subjects, with_labels=True, table=table)
+    written = write_prepared(prepared, args.out)
+    print(f"wrote {len(written)} subjects on the network grid {data.network_shape} to {args.out}")
+
+
+def cmd_select_atlas(args):
+    from ltnet_keras.atlas import select_atlas
+    from ltnet_keras.data.dataset import subject_files
+    data = DataConfig(root=str(args.data or default_data_root()))
+    if args.subjects:
+        data.train_subjects = args.subjects
+    files = subject_files(data, data.train_subjects)
+    choice = select_atlas({f.id: f.image for f in files}, measure=args.measure, factor=args.factor)
+    for subject, score in choice.scores.items():
+        print(f"{subject}\t{score:.5f}")
+    print(f"atlas: {choice.subject} (most similar to the pool's average, {choice.measure})")
+
+
+def cmd_evaluate(args):
+    from ltnet_keras import evaluation
+    from ltnet_keras.data.labels import LabelTable
+    table = LabelTable.from_tsv(args.labels)
+    scores = evaluation.evaluate_folders(args.pred, args.truth, table, strict=args.strict)
+    summary = {args.name: evaluation.summarise(scores, level=args.level)}
+    print(evaluation.format_summary_table(summary))
+    if args.per_structure:
+        print(evaluation.format_structure_table({args.name: scores}))
+    if args.out:
+        evaluation.write_scores_csv(scores, args.out)
+        print(f"per-subject scores: {args.out}")
+
+
+def cmd_train(args):
+    from ltnet_keras.training import train
+    config = _config_with_overrides(args)
+    result = train(config, args.out)
+    print(f"trained {result.steps_done} steps (resumed from {result.resumed_from}) in {args.out}")
+
+
+def cmd_segment(args):
+    from tqdm import tqdm
+
+    from ltnet_keras.segment import Segmenter
+    segmenter = Segmenter(args.run, atlas_image=args.atlas_image, atlas_labels=args.atlas_labels,
+                          label_interp=args.label_interp)
+    for image in tqdm(args.image, desc="segment", disable=len(args.image) < 2):
+        result = segmenter.segment_to_files(image, args.out, args.save_warped_atlas,
+                                            args.save_field)
+        timing = ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items())
+        tqdm.write(f"{image} -> {Path(args.out) / (result.subject + '.nii.gz')} ({timing})")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ltnet", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def config_options(p, training=False):
+        p.add_argument("--config", type=Path, help="experiment YAML (experiments/configs/...)")
+        p.add_argument("--data", type=Path, help="data root with images/, labels/, labels.tsv "
+                       "(default $LTNET_DATA or ../shared/data/lpba40)")
+        if training:
+            p.add_argument("--preset", choices=sorted(PRESETS))
+            p.add_argument("--steps", type=int)
+            p.add_argument("--seed", type=int)
+
+    p = sub.add_parser("prepare", help="write scans on the network grid (.npz + NIfTI)")
+    config_options(p)
+    p.add_argument("--subjects", nargs="*")
+    p.add_argument("--out", type=Path, required=True)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("select-atlas", help="training scan closest to the pool's average")
+    p.add_argument("--data", type=Path)
+    p.add_argument("--subjects", nargs="*", help="candidate pool (default: the training pool)")
+    p.add_argument("--measure", choices=("ncc", "mse"), default="ncc")
+    p.add_argument("--factor", type=int, default=2, help="sub-sampling stride for speed")
+    p.set_defaults(func=cmd_select_atlas)
+
+    p = sub.add_parser("evaluate", help="Dice per label / merged structure, Tables 1-5 format")
+    p.add_argument("--pred", type=Path, required=True, help="label file or folder")
+    p.add_argument("--truth", type=Path, required=True, help="label file or folder")
+    p.add_argument("--labels", type=Path, required=True, help="label table TSV")
+    p.add_argument("--out", type=Path, help="per-subject CSV")
+    p.add_argument("--level", choices=("structure", "label"), default="structure")
+    p.add_argument("--name", default="prediction")
+    p.add_argument("--per-structure", action="store_true")
+    p.add_argument("--strict", action="store_true", help="every truth subject needs a prediction")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("train", help="train or resume a run")
+    config_options(p, training=True)
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("segment", help="segment new scans with a trained run")
+    p.add_argument("--run", type=Path, required=True)
+    p.add_argument("--image", type=Path, nargs="+", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--label-interp", choices=SEGMENT_INTERPOLATIONS)
+    p.add_argument("--atlas-image", type=Path, help="override the atlas image path of the run")
+    p.add_argument("--atlas-labels", type=Path)
+    p.add_argument("--save-warped-atlas", action="store_true")
+    p.add_argument("--save-field", action="store_true")
+    p.set_defaults(func=cmd_segment)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (VolumeError, ValueError, FileNotFoundError) as error:
+        print(f"ltnet {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Typed configuration: data, networks, loss weights, training, and the named presets.
+
+One YAML file per run holds an :class:`ExperimentConfig`; :func:`load_config` validates it
+and :func:`save_config` writes the resolved copy into the run directory.
+"""
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import yaml
+
+
+def default_data_root() -> Path:
+    """``$LTNET_DATA`` if set, else ``../shared/data/lpba40`` beside the repository."""
+    env = os.environ.get("LTNET_DATA")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "shared" / "data" / "lpba40"
+
+
+@dataclass
+class DataConfig:
+    """Where the scans are and how they reach the network grid.
+
+    ``atlas``: a subject id, or ``"auto"`` for the training scan closest to the pool's average.
+    ``train_subjects`` are used WITHOUT labels; ``val_subjects`` labels serve only evaluation.
+    """
+    root: str = ""
+    labels_tsv: str = ""
+    atlas: str = "auto"
+    train_subjects: List[str] = field(default_factory=lambda: [f"S{i}" for i in range(11, 31)])
+    val_subjects: List[str] = field(default_factory=lambda: [f"S{i}" for i in range(31, 41)])
+    crop_shape: Tuple[int, int, int] = (160, 192, 160)
+    factor: int = 2
+
+    def resolved_root(self) -> Path:
+        return Path(self.root) if self.root else default_data_root()
+
+    def resolved_labels_tsv(self) -> Path:
+        return Path(self.labels_tsv) if self.labels_tsv else self.resolved_root() / "labels.tsv"
+
+    @property
+    def network_shape(self) -> Tuple[int, int, int]:
+        return tuple(s // self.factor for s in self.crop_shape)
+
+
+@dataclass
+class NetworkConfig:
+    """G_F/G_B are VoxelMorph U-Nets with these features; D is a 3D PatchGAN."""
+    enc_features: List[int] = field(default_factory=lambda: [16, 32, 32, 32])
+    dec_features: List[int] = field(default_factory=lambda: [32, 32, 32, 32, 32, 16, 16])
+    int_steps: int = 0
+    disc_features: List[int] = field(default_factory=lambda: [16, 32, 64, 128])
+    disc_norm: str = "instance"
+
+
+@dataclass
+class LossWeights:
+    """Multiplier of each term of Eq. (11); 0 switches a term (and networks only it needs) off."""
+    gan: float = 1.0
+    sim: float = 1.0
+    cyc: float = 10.0
+    smooth: float = 3.0
+    trans: float = 3.0
+    anatomy_cyc: float = 3.0
+    diff_cyc: float = 3.0
+    ncc_window: int = 9
+
+    def terms(self) -> Dict[str, float]:
+        return {name: value for name, value in dataclasses.asdict(self).items()
+                if name != "ncc_window"}
+
+    @property
+    def needs_backward(self) -> bool:
+        return any(getattr(self, n) > 0 for n in ("cyc", "trans", "anatomy_cyc", "diff_cyc"))
+
+    @property
+    def needs_discriminator(self) -> bool:
+        return self.gan > 0
+
+    @property
+    def needs_atlas_labels(self) -> bool:
+        return self.anatomy_cyc > 0 or self.diff_cyc > 0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 2000
+    learning_rate: float = 2e-4
+    checkpoint_every: int = 100
+    log_every: int = 10
+    seed: int = 0
+    devices: int = 0            # 0 = every visible device
+    jit_compile: bool = False
+
+
+@dataclass
+class SegmentConfig:
+    """Eq. (2) at test time: ``nearest`` warps the label map, ``linear`` the one-hot + argmax."""
+    label_interp: str = "linear"
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "ltnet"
+    preset: str = "ltnet"
+    data: DataConfig = field(default_factory=DataConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    weights: LossWeights = field(default_factory=LossWeights)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    segment: SegmentConfig = field(default_factory=SegmentConfig)
+
+
+# VoxelMorph's own regularisation for the CC similarity is lambda = 1 (Balakrishnan et al.,
+# TMI 2019, Sec. V); the LT-Net rows use Eq. (11)'s lambda_2 = 3 on every regulariser.
+_OFF = dict(gan=0.0, cyc=0.0, trans=0.0, anatomy_cyc=0.0, diff_cyc=0.0)
+PRESETS: Dict[str, Dict[str, float]] = {
+    "voxelmorph": dict(_OFF, smooth=1.0),
+    "gan": dict(_OFF, gan=1.0),
+    "gan_cyc": dict(_OFF, gan=1.0, cyc=10.0),
+    "trans": dict(_OFF, gan=1.0, cyc=10.0, trans=3.0),
+    "anatomy": dict(_OFF, gan=1.0, cyc=10.0, anatomy_cyc=3.0),
+    "trans_anatomy": dict(_OFF, gan=1.0, cyc=10.0, trans=3.0, anatomy_cyc=3.0),
+    "ltnet": {},
+}
+SEGMENT_INTERPOLATIONS = ("linear", "nearest")
+
+
+def _check_choice(value, valid, what):
+    if value not in valid:
+        raise ValueError(f"unknown {what} {value!r}; valid: {', '.join(valid)}")
+
+
+def apply_preset(config: ExperimentConfig, preset: str) -> ExperimentConfig:
+    """Set ``config.weights`` to a named row of Tables 1-2 (Eq. (11) weights, terms switched)."""
+    _check_choice(preset, tuple(PRESETS), "preset")
+    weights = dataclasses.asdict(LossWeights())
+    weights.update(PRESETS[preset])
+    weights["ncc_window"] = config.weights.ncc_window
+    return dataclasses.replace(config, preset=preset, weights=LossWeights(**weights))
+
+
+def _from_dict(cls, values, where):
+    """Build a dataclass from a dict, rejecting unknown keys with the valid ones listed."""
+    values = dict(values or {})
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(names)
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)}; valid: {sorted(names)}")
+    kwargs = {}
+    for name, value in values.items():
+        sub = names[name].type
+        if dataclasses.is_dataclass(sub):
+            value = _from_dict(sub, value, f"{where}.{name}")
+        elif name in ("crop_shape",):
+            value = tuple(int(v) for v in value)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def config_from_dict(values: dict, where="config") -> ExperimentConfig:
+    """Build and validate a config; ``preset`` fills weights unless ``weights`` are given too."""
+    values = dict(values or {})
+    explicit_weights = values.pop("weights", None)
+    config = _from_dict(ExperimentConfig, values, where)
+    config = apply_preset(config, config.preset)
+    if explicit_weights:
+        merged = dataclasses.asdict(config.weights)
+        merged.update(explicit_weights)
+        weights = _from_dict(LossWeights, merged, f"{where}.weights")
+        config = dataclasses.replace(config, weights=weights)
+    validate(config)
+    return config
+
+
+def validate(config: ExperimentConfig) -> None:
+    _check_choice(config.segment.label_interp, SEGMENT_INTERPOLATIONS, "segment.label_interp")
+    _check_choice(config.network.disc_norm, ("instance", "batch", "none"), "network.disc_norm")
+    if config.data.factor < 1:
+        raise ValueError(f"data.factor must be >= 1, got {config.data.factor}")
+    for size in config.data.crop_shape:
+        if size % config.data.factor:
+            raise ValueError(f"data.crop_shape {config.data.crop_shape} is not divisible by "
+                             f"data.factor {config.data.factor}")
+    for size in config.data.network_shape:
+        if size % 16:
+            raise ValueError(f"network grid {config.data.network_shape} (crop_shape / factor) must "
+                             "be divisible by 16: the U-Net halves it four times")
+    if config.train.steps < 0 or config.train.checkpoint_every < 1:
+        raise ValueError("train.steps must be >= 0 and train.checkpoint_every >= 1")
+
+
+def load_config(path, overrides: Optional[dict] = None) -> ExperimentConfig:
+    """Read a YAML config; ``overrides`` (dotted keys, e.g. ``{"train.steps": 40}``) win."""
+    with open(path) as handle:
+        values = yaml.safe_load(handle) or {}
+    for dotted, value in (overrides or {}).items():
+        node = values
+        *parents, leaf = dotted.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
+        if dotted == "preset":
+            values.pop("weights", None)
+    return config_from_dict(values, where=str(path))
+
+
+def config_to_dict(config: ExperimentConfig) -> dict:
+    values = dataclasses.asdict(config)
+    values["data"]["crop_shape"] = list(config.data.crop_shape)
+    return values
+
+
+def save_config(config: ExperimentConfig, path) -> None:
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w") as handle:
+        yaml.safe_dump(config_to_dict(config), handle, sort_keys=False)
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Reading, checking and preparing labelled volumes (numpy and nibabel only)."""

@@ -1,0 +1,146 @@
+"""Subjects on the network grid, and the ``tf.data`` pipeline of (atlas, atlas labels, target).
+
+Pairs are drawn as a pure function of (seed, step), so a resumed run sees exactly the pairs the
+uninterrupted run would have seen.
+"""
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ltnet_keras.config import DataConfig
+from ltnet_keras.data.errors import VolumeError
+from ltnet_keras.data.io import SubjectFiles, find_subjects, load_subject, save_volume
+from ltnet_keras.data.labels import LabelTable
+from ltnet_keras.data.preprocess import GridSpec, normalise_intensity
+
+
+@dataclass
+class PreparedSubject:
+    """One scan on the network grid ``(x, y, z)``; ``grid`` maps it back to its own file's grid."""
+    subject: str
+    image: np.ndarray
+    labels: Optional[np.ndarray]
+    grid: GridSpec
+    affine: np.ndarray
+    image_path: str
+    label_path: Optional[str] = None
+    header: object = None
+
+
+def prepare_subject(image_path, label_path=None, crop_shape=(160, 192, 160), factor=1,
+                    table: Optional[LabelTable] = None, subject: str = "") -> PreparedSubject:
+    """Load, check, normalise to [0, 1], crop around the brain and down-sample one scan."""
+    image, labels = load_subject(image_path, label_path, table)
+    normalised = normalise_intensity(image.array)
+    grid = GridSpec.centred_on(normalised, crop_shape, factor)
+    return PreparedSubject(
+        subject=subject or Path(image_path).name.split(".")[0],
+        image=grid.to_network(normalised, "image"),
+        labels=None if labels is None else grid.to_network(labels.array, "label"),
+        grid=grid, affine=image.affine, image_path=str(image_path),
+        label_path=None if label_path is None else str(label_path), header=image.header)
+
+
+def subject_files(config: DataConfig, subjects: Sequence[str]) -> List[SubjectFiles]:
+    """The files of ``subjects`` under ``config.root``; unknown ids are an error listing them."""
+    root = config.resolved_root()
+    available = find_subjects(root)
+    missing = [s for s in subjects if s not in available]
+    if missing:
+        raise VolumeError(root, f"subjects {missing} not found (available: {sorted(available)})")
+    return [available[s] for s in subjects]
+
+
+def prepare_subjects(config: DataConfig, subjects: Sequence[str], with_labels: bool,
+                     table: Optional[LabelTable] = None) -> List[PreparedSubject]:
+    prepared = []
+    for files in subject_files(config, subjects):
+        if with_labels and files.label is None:
+            raise VolumeError(files.image, "no label map found for this subject")
+        prepared.append(prepare_subject(files.image, files.label if with_labels else None,
+                                        config.crop_shape, config.factor, table, files.id))
+    return prepared
+
+
+def resolve_atlas(config: DataConfig) -> str:
+    """``config.atlas``, or for ``"auto"`` the training scan closest to the pool's average."""
+    if config.atlas != "auto":
+        return config.atlas
+    from ltnet_keras.atlas import select_atlas
+    files = subject_files(config, config.train_subjects)
+    return select_atlas({f.id: f.image for f in files}, measure="ncc", factor=2).subject
+
+
+@dataclass
+class TrainingData:
+    """The labelled atlas and the unlabelled pool (the atlas itself is left out of the pool)."""
+    atlas: PreparedSubject
+    atlas_one_hot: np.ndarray
+    targets: List[PreparedSubject]
+    table: LabelTable
+
+    @property
+    def target_images(self) -> np.ndarray:
+        return np.stack([t.image for t in self.targets])
+
+
+def load_training_data(config: DataConfig, atlas: Optional[str] = None) -> TrainingData:
+    table = LabelTable.from_tsv(config.resolved_labels_tsv())
+    atlas = atlas or resolve_atlas(config)
+    atlas_subject, = prepare_subjects(config, [atlas], with_labels=True, table=table)
+    pool = [s for s in config.train_subjects if s != atlas]
+    if not pool:
+        raise ValueError("the training pool is empty once the atlas is taken out")
+    # The pool is used without labels: this is the one-shot setting.
+    targets = prepare_subjects(config, pool, with_labels=False)
+    one_hot = table.one_hot(atlas_subject.labels, source=atlas_subject.label_path)
+    return TrainingData(atlas_subject, one_hot, targets, table)
+
+
+def pair_indices(n_targets: int, seed: int, start: int, stop: int):
+    """Target index for each draw ``i`` in ``[start, stop)``: stateless, so resumable."""
+    import tensorflow as tf
+    draws = tf.data.Dataset.range(start, stop)
+    return draws.map(lambda i: tf.random.stateless_uniform(
+        [], seed=tf.stack([tf.cast(seed, tf.int64), i]), maxval=n_targets, dtype=tf.int64))
+
+
+def training_dataset(data: TrainingData, global_batch: int, seed: int, start_step: int,
+                     stop_step: int):
+    """``tf.data`` of ``{"atlas", "atlas_labels", "target"}`` batches, one pair per replica."""
+    import tensorflow as tf
+    atlas = tf.constant(data.atlas.image[..., None])
+    atlas_labels = tf.constant(data.atlas_one_hot)
+    targets = tf.constant(data.target_images[..., None])
+
+    def pair(index):
+        return {"atlas": atlas, "atlas_labels": atlas_labels, "target": tf.gather(targets, index)}
+
+    indices = pair_indices(len(data.targets), seed, start_step * global_batch,
+                           stop_step * global_batch)
+    return (indices.map(pair, num_parallel_calls=tf.data.AUTOTUNE)
+            .batch(global_batch, drop_remainder=True).prefetch(2))
+
+
+def write_prepared(subjects: Sequence[PreparedSubject], out_dir) -> Dict[str, str]:
+    """Write network-grid volumes as voxelmorph-style .npz (``vol``, ``seg``) plus NIfTI."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for s in subjects:
+        affine = s.grid.affine_of_network_grid(s.affine)
+        arrays = {"vol": s.image, "affine": affine, "grid": np.array(json.dumps(s.grid.to_dict()))}
+        if s.labels is not None:
+            arrays["seg"] = s.labels
+        path = out_dir / f"{s.subject}.npz"
+        tmp = out_dir / f".{s.subject}.npz.tmp.npz"
+        np.savez_compressed(tmp, **arrays)
+        tmp.replace(path)
+        save_volume(s.image, out_dir / f"{s.subject}_image.nii.gz", affine)
+        if s.labels is not None:
+            save_volume(s.labels, out_dir / f"{s.subject}_labels.nii.gz", affine)
+        written[s.subject] = str(path)
+    return written

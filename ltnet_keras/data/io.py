@@ -1,0 +1,252 @@
+"""Reading, checking and writing volumes: NIfTI (.nii, .nii.gz), FreeSurfer .mgz and
+voxelmorph-style .npz (keys ``vol`` / ``seg``, optional ``affine``).
+
+Every unusable input raises :class:`VolumeError`, whose message starts with the file path.
+Images come back as float32 ``(x, y, z)`` arrays, label maps as int32 ``(x, y, z)`` arrays.
+"""
+import os
+import secrets
+import struct
+import zipfile
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Optional, Tuple
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError, ImageDataError
+
+from ltnet_keras.data.errors import VolumeError
+from ltnet_keras.data.labels import LabelTable
+
+__all__ = ["Volume", "SubjectFiles", "VolumeError", "EXTENSIONS", "load_image", "load_label_map",
+           "load_subject", "save_volume", "find_subjects", "subject_id"]
+
+# Longest first so that ".nii.gz" wins over ".gz"-less ".nii" matching.
+EXTENSIONS = (".nii.gz", ".nii", ".mgz", ".npz")
+WRITABLE = (".nii.gz", ".nii", ".mgz")
+AFFINE_ATOL = 1e-3
+_FORMAT_NAMES = {".npz": "numpy .npz archive", ".mgz": "FreeSurfer .mgz image"}
+
+# What nibabel, gzip, zlib and numpy raise on truncated, corrupt or foreign files.
+_READ_ERRORS = (ImageFileError, HeaderDataError, ImageDataError, OSError, EOFError, zlib.error,
+                ValueError, struct.error, zipfile.BadZipFile)
+
+
+@dataclass
+class Volume:
+    """A 3D array with its voxel-to-world ``affine`` (4x4), the header it was read with
+    (``None`` for .npz) and the file it came from."""
+    array: np.ndarray
+    affine: np.ndarray
+    header: Optional[object]
+    path: str
+
+    @property
+    def shape(self) -> Tuple[int, int, int]:
+        return tuple(self.array.shape)
+
+
+@dataclass
+class SubjectFiles:
+    """The files of one subject: an image and, if there is one, its label map."""
+    id: str
+    image: Path
+    label: Optional[Path]
+
+
+def _extension(path) -> Optional[str]:
+    name = Path(path).name.lower()
+    return next((ext for ext in EXTENSIONS if name.endswith(ext)), None)
+
+
+def subject_id(path) -> str:
+    """File name without .nii.gz/.nii/.mgz/.npz (or without its last suffix otherwise)."""
+    name = Path(path).name
+    ext = _extension(name)
+    return name[:-len(ext)] if ext else Path(name).stem
+
+
+def _read(path, npz_key: str):
+    """``(array, affine, header)`` of any supported file, every failure as VolumeError."""
+    path = str(path)
+    if not os.path.isfile(path):
+        problem = "is a folder, not a file" if os.path.isdir(path) else "file not found"
+        raise VolumeError(path, problem)
+    ext = _extension(path)
+    if ext is None:
+        raise VolumeError(path, f"unsupported file type (expected one of {', '.join(EXTENSIONS)})")
+    try:
+        if ext == ".npz":
+            return _read_npz(path, npz_key)
+        image = nib.load(path)
+        # nibabel reads lazily: pull the voxels now so that a truncated file fails here.
+        array = np.asanyarray(image.dataobj)
+        return array, np.asarray(image.affine, dtype=np.float64), image.header.copy()
+    except VolumeError:
+        raise
+    except _READ_ERRORS as error:
+        kind = _FORMAT_NAMES.get(ext, "NIfTI image")
+        raise VolumeError(path, f"cannot read the file: it is truncated, corrupt or not a {kind} "
+                                f"({type(error).__name__}: {error})") from error
+
+
+def _read_npz(path, key):
+    with np.load(path, allow_pickle=False) as archive:
+        if key not in archive.files:
+            raise VolumeError(path, f"the .npz archive has no '{key}' array "
+                                    f"(it holds: {', '.join(archive.files) or 'nothing'})")
+        array = archive[key]
+        affine = archive["affine"] if "affine" in archive.files else np.eye(4)
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise VolumeError(path, f"the 'affine' array must be 4x4, not {affine.shape}")
+    return array, affine, None
+
+
+def _as_3d(array, path) -> np.ndarray:
+    while array.ndim > 3 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim != 3:
+        raise VolumeError(path, f"expected a 3D volume, got a {array.ndim}D array of shape "
+                                f"{tuple(array.shape)}")
+    return array
+
+
+def load_image(path) -> Volume:
+    """Read an intensity image as float32 ``(x, y, z)``; rejects non-3D and NaN/inf voxels."""
+    array, affine, header = _read(path, "vol")
+    array = _as_3d(array, path)
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise VolumeError(path, f"image voxels must be real numbers, not {array.dtype}")
+    array = np.asarray(array, dtype=np.float32)
+    bad = np.count_nonzero(~np.isfinite(array))
+    if bad:
+        raise VolumeError(path, f"image contains {bad} NaN or infinite voxel(s)")
+    return Volume(array, affine, header, str(path))
+
+
+def load_label_map(path) -> Volume:
+    """Read a label map as int32 ``(x, y, z)``; values must be integers and not all background."""
+    array, affine, header = _read(path, "seg")
+    array = _as_3d(array, path)
+    if np.issubdtype(array.dtype, np.bool_):
+        array = array.astype(np.uint8)
+    if not np.issubdtype(array.dtype, np.number) or np.iscomplexobj(array):
+        raise VolumeError(path, f"label map voxels must be integers, not {array.dtype}")
+    if not np.issubdtype(array.dtype, np.integer):
+        bad = ~np.isfinite(array) | (array != np.round(array))
+        if bad.any():
+            raise VolumeError(path, f"label map has {np.count_nonzero(bad)} non-integer voxel "
+                                    f"value(s), e.g. {array[bad][0]!r}; a label map must hold "
+                                    "integer label ids")
+    if not np.any(array):
+        raise VolumeError(path, "label map is empty (every voxel is background 0)")
+    return Volume(array.astype(np.int32), affine, header, str(path))
+
+
+def load_subject(image_path, label_path=None,
+                 label_table: Optional[LabelTable] = None) -> Tuple[Volume, Optional[Volume]]:
+    """Image and (optional) label map of one subject, checked to share shape and affine and,
+    when ``label_table`` is given, to use only label ids of the table."""
+    image = load_image(image_path)
+    if label_path is None:
+        return image, None
+    label = load_label_map(label_path)
+    if label.shape != image.shape:
+        raise VolumeError(label_path, f"label map shape {label.shape} does not match the image "
+                                      f"shape {image.shape} of {image_path}")
+    if not np.allclose(label.affine, image.affine, atol=AFFINE_ATOL):
+        raise VolumeError(label_path, "label map affine differs from the affine of the image "
+                                      f"{image_path}:\n{label.affine}\nvs\n{image.affine}")
+    if label_table is not None:
+        label_table.to_channels(label.array, source=str(label_path))
+    return image, label
+
+
+def _storage_dtype(array, path) -> np.dtype:
+    if array.dtype == np.bool_:
+        return np.dtype(np.uint8)
+    if np.issubdtype(array.dtype, np.integer):
+        low, high = (int(array.min()), int(array.max())) if array.size else (0, 0)
+        for dtype in (np.uint8, np.int16, np.int32):
+            info = np.iinfo(dtype)
+            if info.min <= low and high <= info.max:
+                return np.dtype(dtype)
+        raise VolumeError(path, f"integer values {low}..{high} do not fit in int32")
+    if np.issubdtype(array.dtype, np.floating):
+        return np.dtype(np.float32)
+    raise VolumeError(path, f"cannot write voxels of type {array.dtype}")
+
+
+def _make_image(array, affine, header, ext):
+    if ext == ".mgz":
+        header = header if isinstance(header, nib.freesurfer.mghformat.MGHHeader) else None
+        return nib.MGHImage(array, affine, header=header)
+    # Another format's header (e.g. MGH) cannot describe a NIfTI file: the affine suffices.
+    header = header.copy() if isinstance(header, nib.Nifti1Header) else None
+    image = nib.Nifti1Image(array, affine, header=header)
+    image.header.set_data_dtype(array.dtype)
+    image.header.set_slope_inter(1.0, 0.0)
+    return image
+
+
+def save_volume(array, path, affine, header=None) -> Path:
+    """Write a ``(x, y, z)`` (or ``(x, y, z, c)``) array as .nii, .nii.gz or .mgz, atomically.
+
+    Integers are stored as uint8, int16 or int32 (the smallest that fits), floats as float32.
+    The file is written to a hidden temporary name in the same folder and renamed into place,
+    so ``path`` is either the complete new file or untouched, never partial.
+    """
+    path = Path(path)
+    ext = _extension(path)
+    if ext not in WRITABLE:
+        raise VolumeError(path, f"cannot write this file type (use one of {', '.join(WRITABLE)})")
+    array = np.asarray(array)
+    if array.ndim not in (3, 4):
+        raise VolumeError(path, f"can only write 3D or 4D arrays, not shape {array.shape}")
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise VolumeError(path, f"affine must be 4x4, not {affine.shape}")
+    array = array.astype(_storage_dtype(array, path), copy=False)
+    image = _make_image(array, affine, header, ext)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name[:-len(ext)]}.tmp-{secrets.token_hex(4)}{ext}")
+    try:
+        image.to_filename(str(temporary))
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def find_subjects(root) -> Dict[str, SubjectFiles]:
+    """Subjects under ``root/images`` (and their label maps in ``root/labels``, matched by
+    subject id), sorted by id."""
+    root = Path(root)
+    if not root.is_dir():
+        raise VolumeError(root, "data folder not found")
+    images_dir, labels_dir = root / "images", root / "labels"
+    if not images_dir.is_dir():
+        raise VolumeError(images_dir, "folder of images not found")
+    images = _volumes_by_id(images_dir)
+    if not images:
+        raise VolumeError(images_dir, f"no volumes ({', '.join(EXTENSIONS)}) in this folder")
+    labels = _volumes_by_id(labels_dir) if labels_dir.is_dir() else {}
+    return {sid: SubjectFiles(sid, images[sid], labels.get(sid)) for sid in sorted(images)}
+
+
+def _volumes_by_id(folder: Path) -> Dict[str, Path]:
+    found: Dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if not path.is_file() or path.name.startswith(".") or _extension(path) is None:
+            continue
+        sid = subject_id(path)
+        if sid in found:
+            raise VolumeError(path, f"subject '{sid}' has two files here ({found[sid].name})")
+        found[sid] = path
+    return found

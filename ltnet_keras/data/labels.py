@@ -1,0 +1,93 @@
+"""Label tables: label ids <-> contiguous one-hot channels, and left/right structure merging."""
+import csv
+from dataclasses import dataclass
+from typing import Dict, List
+
+import numpy as np
+
+from ltnet_keras.data.errors import VolumeError
+
+
+@dataclass
+class LabelTable:
+    """Label ids of a segmentation protocol, their names and the merged structure of each.
+
+    Channel 0 is background; channel ``k`` holds ``ids[k - 1]``. ``structures`` names the
+    structure a label belongs to once left and right are combined (the paper's Table 4).
+    """
+    ids: np.ndarray
+    names: List[str]
+    structures: List[str]
+
+    def __post_init__(self):
+        self.ids = np.asarray(self.ids, dtype=np.int64)
+        if self.ids.ndim != 1 or len(self.ids) == 0:
+            raise ValueError("a label table needs at least one label id")
+        if len(set(self.ids.tolist())) != len(self.ids):
+            raise ValueError("label ids in a table must be unique")
+        if 0 in self.ids:
+            raise ValueError("label id 0 is background and cannot be in the table")
+        if not len(self.names) == len(self.structures) == len(self.ids):
+            raise ValueError("ids, names and structures must have the same length")
+        self._lookup = np.full(int(self.ids.max()) + 1, -1, dtype=np.int32)
+        self._lookup[0] = 0
+        self._lookup[self.ids] = np.arange(1, len(self.ids) + 1, dtype=np.int32)
+
+    @classmethod
+    def from_tsv(cls, path) -> "LabelTable":
+        """Read a tab-separated table with columns ``label``, ``name`` and optional ``structure``."""
+        try:
+            with open(path, newline="") as handle:
+                rows = list(csv.DictReader(handle, delimiter="\t"))
+        except OSError as error:
+            raise VolumeError(path, f"cannot read label table ({error.strerror})") from error
+        if not rows or "label" not in rows[0]:
+            raise VolumeError(path, "label table needs a header with a 'label' column")
+        try:
+            ids = [int(row["label"]) for row in rows]
+        except (TypeError, ValueError) as error:
+            raise VolumeError(path, f"non-integer label id ({error})") from error
+        names = [row.get("name") or str(i) for row, i in zip(rows, ids)]
+        structures = [row.get("structure") or name for row, name in zip(rows, names)]
+        try:
+            return cls(ids, names, structures)
+        except ValueError as error:
+            raise VolumeError(path, str(error)) from error
+
+    @classmethod
+    def from_ids(cls, ids) -> "LabelTable":
+        """A table with each id its own structure (for label maps without a protocol table)."""
+        ids = [int(i) for i in ids if int(i) != 0]
+        names = [str(i) for i in ids]
+        return cls(ids, names, list(names))
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.ids) + 1
+
+    def to_channels(self, label_map, source="") -> np.ndarray:
+        """Map label ids to channel indices; ids absent from the table are an error."""
+        label_map = np.asarray(label_map)
+        present = np.unique(label_map)
+        unknown = [int(v) for v in present
+                   if v < 0 or v >= len(self._lookup) or self._lookup[int(v)] < 0]
+        if unknown:
+            raise VolumeError(source, f"label ids {unknown[:10]} are not in the label table")
+        return self._lookup[label_map.astype(np.int64)]
+
+    def to_ids(self, channel_map) -> np.ndarray:
+        """Inverse of :meth:`to_channels`: channel indices back to label ids (0 = background)."""
+        lut = np.concatenate([[0], self.ids]).astype(np.int32)
+        return lut[np.asarray(channel_map, dtype=np.int64)]
+
+    def one_hot(self, label_map, source="") -> np.ndarray:
+        """``(..., n_channels)`` float32 one-hot encoding of a label map."""
+        channels = self.to_channels(label_map, source)
+        return np.eye(self.n_channels, dtype=np.float32)[channels]
+
+    def structure_ids(self) -> Dict[str, List[int]]:
+        """Merged structure -> its label ids, in table order."""
+        merged: Dict[str, List[int]] = {}
+        for label_id, structure in zip(self.ids.tolist(), self.structures):
+            merged.setdefault(structure, []).append(label_id)
+        return merged

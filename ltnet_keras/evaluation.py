@@ -1,0 +1,324 @@
+"""Segmentation accuracy as the paper reports it: Dice per label and per merged structure.
+
+The paper's Tables 1-3 and 5 give, for each method, the mean (std), min and max over test
+subjects of each subject's mean Dice over the merged (left/right) structures; Table 4 gives the
+Dice of each structure. Dice values in the dictionaries are fractions in [0, 1]; summaries and
+printed tables are in percent. Numpy only (no TensorFlow).
+"""
+import csv
+import io as _stringio
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Mapping, Sequence
+
+import numpy as np
+
+from ltnet_keras.data.errors import VolumeError
+
+LEVELS = ("structure", "label")
+LABEL_FILE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".npz")
+
+
+# ----------------------------------------------------------------------------- Dice
+
+def _check_pair(pred, truth):
+    pred = np.asarray(pred)
+    truth = np.asarray(truth)
+    if pred.shape != truth.shape:
+        raise ValueError(f"prediction shape {pred.shape} does not match truth shape {truth.shape}")
+    return pred, truth
+
+
+def _confusion(pred, truth, ids) -> np.ndarray:
+    """Joint voxel counts ``C[i, j]`` of pred channel ``i`` and truth channel ``j``.
+
+    Channel ``k >= 1`` is ``ids[k - 1]``; channel 0 collects background and every value not in
+    ``ids``. One pass over the volume serves all labels and all structures, and merged-structure
+    overlaps include voxels labelled left in one map and right in the other.
+    """
+    pred, truth = _check_pair(pred, truth)
+    ids = np.asarray(list(ids), dtype=np.int64)
+    n = len(ids) + 1
+    top = int(max(pred.max(initial=0), truth.max(initial=0), ids.max(initial=0))) + 1
+    if min(pred.min(initial=0), truth.min(initial=0)) < 0:
+        raise ValueError("label maps must not contain negative values")
+    lookup = np.zeros(top, dtype=np.int64)
+    lookup[ids] = np.arange(1, n)
+    p = lookup[pred.astype(np.int64, copy=False).ravel()]
+    t = lookup[truth.astype(np.int64, copy=False).ravel()]
+    return np.bincount(p * n + t, minlength=n * n).reshape(n, n)
+
+
+def _dice_of(confusion, channels) -> float:
+    channels = np.asarray(channels)
+    pred_size = confusion[channels, :].sum()
+    truth_size = confusion[:, channels].sum()
+    if pred_size + truth_size == 0:
+        return float("nan")
+    overlap = confusion[np.ix_(channels, channels)].sum()
+    return float(2.0 * overlap / (pred_size + truth_size))
+
+
+def dice_per_label(pred, truth, ids) -> Dict[int, float]:
+    """Dice ``2|A∩B| / (|A| + |B|)`` of each label id; NaN where the id is in neither map."""
+    ids = [int(i) for i in ids]
+    confusion = _confusion(pred, truth, ids)
+    return {label_id: _dice_of(confusion, [k]) for k, label_id in enumerate(ids, start=1)}
+
+
+def _structure_dice(confusion, table) -> Dict[str, float]:
+    channel_of = {int(label_id): k for k, label_id in enumerate(table.ids.tolist(), start=1)}
+    return {name: _dice_of(confusion, [channel_of[i] for i in members])
+            for name, members in table.structure_ids().items()}
+
+
+def dice_per_structure(pred, truth, table) -> Dict[str, float]:
+    """Dice of each merged structure: the union of its labels (e.g. left and right) in each map."""
+    return _structure_dice(_confusion(pred, truth, table.ids), table)
+
+
+def _nanmean(values) -> float:
+    values = np.asarray(list(values), dtype=np.float64)
+    finite = values[~np.isnan(values)]
+    return float(finite.mean()) if finite.size else float("nan")
+
+
+@dataclass
+class SubjectScores:
+    """Dice of one subject: per label id and per merged structure (fractions)."""
+    subject: str
+    labels: Dict[int, float] = field(default_factory=dict)
+    structures: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def mean_label(self) -> float:
+        """Mean Dice over labels present in prediction or truth (NaN entries ignored)."""
+        return _nanmean(self.labels.values())
+
+    @property
+    def mean_structure(self) -> float:
+        """Mean Dice over merged structures (NaN entries ignored): the paper's per-subject score."""
+        return _nanmean(self.structures.values())
+
+    def mean(self, level="structure") -> float:
+        _check_level(level)
+        return self.mean_structure if level == "structure" else self.mean_label
+
+
+def evaluate_pair(pred, truth, table, subject="") -> SubjectScores:
+    """Per-label and per-structure Dice of one predicted label map against its truth."""
+    confusion = _confusion(pred, truth, table.ids)
+    labels = {int(label_id): _dice_of(confusion, [k])
+              for k, label_id in enumerate(table.ids.tolist(), start=1)}
+    return SubjectScores(str(subject), labels, _structure_dice(confusion, table))
+
+
+# ----------------------------------------------------------------------------- summaries
+
+def _check_level(level):
+    if level not in LEVELS:
+        raise ValueError(f"level must be one of {', '.join(LEVELS)}; got {level!r}")
+
+
+def summarise(scores_list: Sequence[SubjectScores], level="structure") -> Dict[str, float]:
+    """Mean, std, min and max (percent) over subjects of each subject's mean Dice.
+
+    ``level="structure"`` (default, as in the paper) averages each subject over merged
+    structures, ``"label"`` over individual labels. ``std`` is the population standard
+    deviation (ddof=0). Subjects whose mean is NaN (nothing labelled) are left out; ``n`` counts
+    the subjects used.
+    """
+    _check_level(level)
+    means = np.array([s.mean(level) for s in scores_list], dtype=np.float64) * 100.0
+    means = means[~np.isnan(means)]
+    if means.size == 0:
+        raise ValueError("no subject with a defined Dice to summarise")
+    return {"mean": float(means.mean()), "std": float(means.std(ddof=0)),
+            "min": float(means.min()), "max": float(means.max()), "n": int(means.size)}
+
+
+def structure_summary(scores_list: Sequence[SubjectScores]) -> Dict[str, Dict[str, float]]:
+    """Per structure: mean and population std (percent) over subjects, NaN subjects ignored."""
+    names = list(scores_list[0].structures) if scores_list else []
+    summary = {}
+    for name in names:
+        values = np.array([s.structures.get(name, np.nan) for s in scores_list]) * 100.0
+        values = values[~np.isnan(values)]
+        summary[name] = ({"mean": float(values.mean()), "std": float(values.std(ddof=0))}
+                         if values.size else {"mean": float("nan"), "std": float("nan")})
+    return summary
+
+
+def format_summary_table(rows: Mapping[str, Mapping[str, float]]) -> str:
+    """Paper-style table (Tables 1-3, 5): one line per method, ``Mean (std)  Min  Max`` in percent."""
+    width = max([len("Method")] + [len(name) for name in rows])
+    lines = [f"{'Method':<{width}}  {'Mean (std)':>12}  {'Min':>5}  {'Max':>5}"]
+    for name, s in rows.items():
+        mean_std = f"{s['mean']:.1f} ({s['std']:.1f})"
+        lines.append(f"{name:<{width}}  {mean_std:>12}  {s['min']:>5.1f}  {s['max']:>5.1f}")
+    return "\n".join(lines)
+
+
+def format_structure_table(results: Mapping[str, Sequence[SubjectScores]]) -> str:
+    """Table 4 layout transposed: one row per merged structure, one ``mean (std)`` column per method."""
+    summaries = {method: structure_summary(scores) for method, scores in results.items()}
+    structures: List[str] = []
+    for summary in summaries.values():
+        structures += [name for name in summary if name not in structures]
+    width = max([len("Structure")] + [len(name) for name in structures])
+    columns = {method: max(len(method), 12) for method in summaries}
+    lines = ["  ".join([f"{'Structure':<{width}}"]
+                       + [f"{method:>{columns[method]}}" for method in summaries])]
+    for name in structures:
+        cells = []
+        for method, summary in summaries.items():
+            s = summary.get(name, {"mean": float("nan"), "std": float("nan")})
+            cells.append(f"{s['mean']:.1f} ({s['std']:.1f})".rjust(columns[method]))
+        lines.append("  ".join([f"{name:<{width}}"] + cells))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- CSV files
+
+def _atomic_write_text(path, text):
+    """Write through a temporary file in the same folder so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", newline="") as out:
+            out.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+
+
+def _csv_text(header, rows) -> str:
+    buffer = _stringio.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def _number(value) -> str:
+    return "nan" if np.isnan(value) else f"{value:.6f}"
+
+
+def write_scores_csv(scores_list: Sequence[SubjectScores], path):
+    """One row per subject: ``subject, mean_label, mean_structure``, each structure, then each
+    label as ``label_<id>``. Values are Dice fractions with six decimals; ``nan`` where undefined."""
+    structures: List[str] = []
+    label_ids: List[int] = []
+    for s in scores_list:
+        structures += [name for name in s.structures if name not in structures]
+        label_ids += [i for i in s.labels if i not in label_ids]
+    header = (["subject", "mean_label", "mean_structure"] + structures
+              + [f"label_{i}" for i in label_ids])
+    rows = [[s.subject, _number(s.mean_label), _number(s.mean_structure)]
+            + [_number(s.structures.get(name, np.nan)) for name in structures]
+            + [_number(s.labels.get(i, np.nan)) for i in label_ids]
+            for s in scores_list]
+    _atomic_write_text(path, _csv_text(header, rows))
+
+
+def read_scores_csv(path) -> List[SubjectScores]:
+    """Read what :func:`write_scores_csv` wrote."""
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        scores = []
+        for row in reader:
+            labels, structures = {}, {}
+            for column, value in row.items():
+                if column in ("subject", "mean_label", "mean_structure"):
+                    continue
+                if column.startswith("label_") and column[len("label_"):].isdigit():
+                    labels[int(column[len("label_"):])] = float(value)
+                else:
+                    structures[column] = float(value)
+            scores.append(SubjectScores(row["subject"], labels, structures))
+    return scores
+
+
+def write_summary_csv(rows: Mapping[str, Mapping[str, float]], path, level="structure"):
+    """One row per method: ``method, level, n, mean, std, min, max`` (percent, std with ddof=0)."""
+    _check_level(level)
+    body = [[name, level, s.get("n", ""), *(f"{s[key]:.4f}" for key in ("mean", "std", "min", "max"))]
+            for name, s in rows.items()]
+    _atomic_write_text(path, _csv_text(["method", "level", "n", "mean", "std", "min", "max"], body))
+
+
+# ----------------------------------------------------------------------------- folders
+
+def _label_files(folder: Path) -> Dict[str, Path]:
+    """Label files of a folder by subject id; a dataset root is read from its ``labels/``."""
+    from ltnet_keras.data.io import subject_id
+
+    def listing(directory):
+        return {subject_id(p): p for p in sorted(directory.iterdir())
+                if p.is_file() and not p.name.startswith(".")
+                and p.name.lower().endswith(LABEL_FILE_SUFFIXES)}
+
+    files = listing(folder)
+    if not files and (folder / "labels").is_dir():
+        files = listing(folder / "labels")
+    if not files:
+        raise VolumeError(folder, "no label files (.nii.gz, .nii, .mgz, .npz) in this folder")
+    return files
+
+
+def _pair_paths(pred: Path, truth: Path, strict: bool) -> List[tuple]:
+    from ltnet_keras.data.io import subject_id
+
+    if not pred.exists():
+        raise VolumeError(pred, "prediction path does not exist")
+    if not truth.exists():
+        raise VolumeError(truth, "truth path does not exist")
+    if pred.is_file() and truth.is_file():
+        return [(subject_id(truth), pred, truth)]
+    if pred.is_file():
+        # One fixed map against every subject (e.g. the atlas labels without registration);
+        # the subject the map belongs to is left out.
+        own = subject_id(pred)
+        return [(i, pred, t) for i, t in _label_files(truth).items() if i != own]
+    preds = _label_files(pred) if pred.is_dir() else {subject_id(pred): pred}
+    truths = _label_files(truth) if truth.is_dir() else {subject_id(truth): truth}
+    common = [i for i in truths if i in preds]
+    if not common:
+        raise VolumeError(pred, f"no prediction matches a truth subject by id; predictions: "
+                                f"{sorted(preds)}; truth ({truth}): {sorted(truths)}")
+    missing = [i for i in truths if i not in preds]
+    extra = [i for i in preds if i not in truths]
+    if missing and strict and truth.is_dir():
+        raise VolumeError(pred, f"no prediction for truth subjects {missing}")
+    if missing and truth.is_dir():
+        warnings.warn(f"{pred}: no prediction for truth subjects {missing}; skipped")
+    if extra and pred.is_dir():
+        warnings.warn(f"{pred}: predictions without truth {extra}; skipped")
+    return [(i, preds[i], truths[i]) for i in common]
+
+
+def evaluate_folders(pred, truth, table, strict=False) -> List[SubjectScores]:
+    """Dice of predicted label maps against truth; ``pred`` and ``truth`` are files or folders.
+
+    Folders are matched by subject id (file name without extension, exact match); a folder
+    holding no label files but a ``labels/`` sub-folder (a dataset root) is read from there.
+    Truth subjects without a prediction raise a VolumeError when ``strict``, else are skipped
+    with a warning. Shapes must agree (VolumeError naming both files).
+    """
+    from ltnet_keras.data.io import load_label_map
+
+    scores = []
+    for subject, pred_path, truth_path in _pair_paths(Path(pred), Path(truth), strict):
+        pred_map = load_label_map(pred_path).array
+        truth_map = load_label_map(truth_path).array
+        if pred_map.shape != truth_map.shape:
+            raise VolumeError(pred_path, f"shape {pred_map.shape} does not match shape "
+                                         f"{truth_map.shape} of {truth_path}")
+        scores.append(evaluate_pair(pred_map, truth_map, table, subject))
+    return scores

@@ -1,0 +1,157 @@
+"""LT-Net (Fig. 2): forward/backward correspondence cycle trained with the losses of Eq. (3)-(11).
+
+The same class trains every row of Tables 1-2: a loss term with weight 0 is not computed, and a
+network that no active term needs (G_B, D) is not built.
+"""
+from typing import Dict
+
+import tensorflow as tf
+
+from ltnet_keras import losses
+from ltnet_keras.config import LossWeights, NetworkConfig
+from ltnet_keras.models.discriminator import make_patchgan
+from ltnet_keras.models.generators import make_generator, make_warp
+
+
+class LTNet(tf.keras.Model):
+    """G_F, G_B and D with a custom ``train_step`` alternating a G and a D update.
+
+    Training data: dicts ``{"atlas": (b, x, y, z, 1), "atlas_labels": (b, x, y, z, C),
+    "target": (b, x, y, z, 1)}`` with one (atlas, unlabelled target) pair per replica. Calling the
+    model on ``[atlas, target]`` returns the forward field ``(b, x, y, z, 3)``.
+    """
+
+    def __init__(self, inshape, network: NetworkConfig, weights: LossWeights, name="ltnet"):
+        super().__init__(name=name)
+        self.inshape = tuple(int(s) for s in inshape)
+        self.term_weights: Dict[str, float] = {k: v for k, v in weights.terms().items() if v > 0}
+        self.ncc_window = weights.ncc_window
+        self.uses_labels = weights.needs_atlas_labels
+        self.forward_generator = make_generator(self.inshape, network, "forward_generator")
+        self.backward_generator = (make_generator(self.inshape, network, "backward_generator")
+                                   if weights.needs_backward else None)
+        self.discriminator = (make_patchgan(self.inshape, network)
+                              if weights.needs_discriminator else None)
+        # voxelmorph's SpatialTransformer fixes its channel count on first call: one per kind.
+        self.warp_image = make_warp("linear", name="warp_image")
+        self.warp_labels = make_warp("linear", name="warp_labels")
+        tracked = list(self.term_weights) + ["total"]
+        if self.discriminator is not None:
+            tracked.append("discriminator")
+        self.trackers = {n: tf.keras.metrics.Mean(name=n) for n in tracked}
+
+    # -- Keras plumbing -----------------------------------------------------------------------
+    def compile(self, generator_optimizer, discriminator_optimizer=None, **kwargs):
+        super().compile(**kwargs)
+        self.generator_optimizer = generator_optimizer
+        self.discriminator_optimizer = discriminator_optimizer
+
+    @property
+    def metrics(self):
+        # Listed here so Keras resets them at each epoch start and reads them replica-combined.
+        return list(self.trackers.values())
+
+    @property
+    def generator_variables(self):
+        networks = [self.forward_generator, self.backward_generator]
+        return [v for net in networks if net is not None for v in net.trainable_variables]
+
+    def build_optimizers(self):
+        """Create optimiser slots now, so a checkpoint restores them before the first step."""
+        self.generator_optimizer.build(self.generator_variables)
+        if self.discriminator is not None:
+            self.discriminator_optimizer.build(self.discriminator.trainable_variables)
+
+    def call(self, inputs, training=False):
+        atlas, target = inputs
+        return self.forward_generator([atlas, target], training=training)
+
+    # -- the method ---------------------------------------------------------------------------
+    def correspondence_cycle(self, atlas, atlas_labels, target, training=False):
+        """Forward path (Eq. 1, 2) and, when needed, backward path (Eq. 5 and l_bar_s)."""
+        forward_field = self.forward_generator([atlas, target], training=training)
+        out = {"forward_field": forward_field,
+               "warped_atlas": self.warp_image([atlas, forward_field])}
+        if self.uses_labels:
+            out["warped_atlas_labels"] = self.warp_labels([atlas_labels, forward_field])
+        if self.backward_generator is not None:
+            backward_field = self.backward_generator([out["warped_atlas"], atlas],
+                                                     training=training)
+            out["backward_field"] = backward_field
+            out["reconstructed_atlas"] = self.warp_image([out["warped_atlas"], backward_field])
+            if self.uses_labels:
+                out["reconstructed_atlas_labels"] = self.warp_labels(
+                    [out["warped_atlas_labels"], backward_field])
+        return out
+
+    def generator_terms(self, cycle, atlas, atlas_labels, target):
+        """Per-example value, shape ``(batch,)``, of every active term of Eq. (11)."""
+        active = self.term_weights
+        terms = {}
+        if "sim" in active:
+            terms["sim"] = losses.similarity_loss(target, cycle["warped_atlas"], self.ncc_window)
+        if "smooth" in active:
+            terms["smooth"] = losses.smoothness_loss(cycle["forward_field"])
+            if "backward_field" in cycle:  # Eq. (6)
+                terms["smooth"] += losses.smoothness_loss(cycle["backward_field"])
+        if "gan" in active:
+            terms["gan"] = losses.lsgan_generator_loss(self.discriminator(cycle["warped_atlas"]))
+        if "cyc" in active:
+            terms["cyc"] = losses.image_cycle_loss(atlas, cycle["reconstructed_atlas"])
+        if "trans" in active:
+            terms["trans"] = losses.transformation_consistency_loss(cycle["forward_field"],
+                                                                    cycle["backward_field"])
+        if "anatomy_cyc" in active:
+            terms["anatomy_cyc"] = losses.anatomy_cycle_loss(
+                atlas_labels, cycle["reconstructed_atlas_labels"])
+        if "diff_cyc" in active:
+            terms["diff_cyc"] = losses.anatomy_difference_loss(
+                atlas_labels, cycle["warped_atlas_labels"], cycle["reconstructed_atlas_labels"])
+        return terms
+
+    def _replica_mean(self, per_example):
+        """Mean over the global batch, so summing gradients over replicas gives the mean."""
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        global_batch = tf.shape(per_example)[0] * replicas
+        return tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
+
+    def _record(self, terms, total, discriminator_loss=None):
+        for name, value in terms.items():
+            self.trackers[name].update_state(value)
+        self.trackers["total"].update_state(total)
+        if discriminator_loss is not None:
+            self.trackers["discriminator"].update_state(discriminator_loss)
+        return {name: tracker.result() for name, tracker in self.trackers.items()}
+
+    def train_step(self, data):
+        atlas, atlas_labels, target = data["atlas"], data["atlas_labels"], data["target"]
+
+        with tf.GradientTape() as tape:
+            cycle = self.correspondence_cycle(atlas, atlas_labels, target, training=True)
+            terms = self.generator_terms(cycle, atlas, atlas_labels, target)
+            total = losses.total_generator_loss(terms, self.term_weights)
+            generator_loss = self._replica_mean(total)
+        variables = self.generator_variables
+        gradients = tape.gradient(generator_loss, variables)
+        self.generator_optimizer.apply_gradients(zip(gradients, variables))
+
+        discriminator_loss = None
+        if self.discriminator is not None:
+            # D sees the warped atlas of this step as a fixed sample (G was just updated).
+            fake = tf.stop_gradient(cycle["warped_atlas"])
+            with tf.GradientTape() as tape:
+                discriminator_loss = losses.lsgan_discriminator_loss(
+                    self.discriminator(target, training=True),
+                    self.discriminator(fake, training=True))
+                replica_loss = self._replica_mean(discriminator_loss)
+            d_variables = self.discriminator.trainable_variables
+            d_gradients = tape.gradient(replica_loss, d_variables)
+            self.discriminator_optimizer.apply_gradients(zip(d_gradients, d_variables))
+        return self._record(terms, total, discriminator_loss)
+
+    def test_step(self, data):
+        atlas, atlas_labels, target = data["atlas"], data["atlas_labels"], data["target"]
+        cycle = self.correspondence_cycle(atlas, atlas_labels, target)
+        terms = self.generator_terms(cycle, atlas, atlas_labels, target)
+        total = losses.total_generator_loss(terms, self.term_weights)
+        return self._record(terms, total)

@@ -1,0 +1,244 @@
+"""Running a training: strategy, checkpoints, resume, logs, NaN guard, loss curve.
+
+A run directory holds ``config.yaml``, ``environment.json`` (versions, devices, seed),
+``atlas.json`` (atlas, label table, grid), ``checkpoints/``, ``logs/`` (TensorBoard),
+``history.csv`` (one row per ``log_every`` steps), ``loss_curve.png`` and, at the end,
+``forward_generator.weights.h5`` (all that segmentation needs).
+"""
+import csv
+import json
+import math
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import tensorflow as tf
+
+from ltnet_keras.config import ExperimentConfig, config_to_dict, save_config
+from ltnet_keras.data.dataset import TrainingData, load_training_data, training_dataset
+from ltnet_keras.models.ltnet import LTNet
+
+FORWARD_WEIGHTS = "forward_generator.weights.h5"
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss became NaN or inf; the last good checkpoint is kept."""
+
+
+def make_strategy(devices: int = 0) -> tf.distribute.Strategy:
+    """MirroredStrategy over the GPUs, else over the logical CPUs (one unless split).
+
+    ``devices`` > 0 uses only the first ``devices`` of them.
+    """
+    gpus = tf.config.list_logical_devices("GPU")
+    pool = gpus or tf.config.list_logical_devices("CPU")
+    if devices:
+        if devices > len(pool):
+            raise ValueError(f"{devices} devices asked for, {len(pool)} available: "
+                             f"{[d.name for d in pool]}")
+        pool = pool[:devices]
+    return tf.distribute.MirroredStrategy([d.name for d in pool])
+
+
+def split_cpu(n: int) -> None:
+    """Split the CPU into ``n`` logical devices (before TensorFlow initialises its devices)."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(
+        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
+
+
+def environment_record(config: ExperimentConfig, strategy) -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    packages = {}
+    for name in ("tensorflow", "tf-keras", "voxelmorph", "neurite", "numpy", "nibabel", "scipy"):
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = None
+    from ltnet_keras import __version__
+    return {"ltnet_keras": __version__, "python": platform.python_version(),
+            "platform": platform.platform(), "packages": packages, "seed": config.train.seed,
+            "devices": [d for d in strategy.extended.worker_devices]}
+
+
+def _write_json(path: Path, values: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(values, indent=2))
+    os.replace(tmp, path)
+
+
+def build_model(config: ExperimentConfig, inshape) -> LTNet:
+    """LT-Net with its two Adam optimisers (constant learning rate, Sec. 5)."""
+    model = LTNet(inshape, config.network, config.weights)
+    lr = config.train.learning_rate
+    model.compile(tf.keras.optimizers.Adam(lr),
+                  tf.keras.optimizers.Adam(lr) if model.discriminator is not None else None,
+                  jit_compile=config.train.jit_compile)
+    model.build_optimizers()
+    return model
+
+
+class RunMonitor(tf.keras.callbacks.Callback):
+    """Stops on a non-finite loss before it can be checkpointed; logs and checkpoints blocks."""
+
+    def __init__(self, manager: tf.train.CheckpointManager, history_path: Path,
+                 log_every: int, checkpoint_every: int, total_steps: int):
+        super().__init__()
+        self.manager = manager
+        self.history_path = history_path
+        self.log_every = log_every
+        self.checkpoint_every = checkpoint_every
+        self.total_steps = total_steps
+        self.failure: Optional[str] = None
+
+    def _step(self) -> int:
+        return int(self.model.generator_optimizer.iterations.numpy())
+
+    def on_train_batch_end(self, batch, logs=None):
+        bad = {k: float(v) for k, v in (logs or {}).items() if not math.isfinite(float(v))}
+        if bad:
+            self.failure = (f"non-finite loss at step {self._step()}: {bad}; the run stopped and "
+                            f"its last good checkpoint is {self.manager.latest_checkpoint}")
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.failure:
+            return
+        step = self._step()
+        row = {"step": step, **{k: float(v) for k, v in (logs or {}).items()}}
+        new_file = not self.history_path.exists()
+        with open(self.history_path, "a", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(row))
+            if new_file:
+                writer.writeheader()
+            writer.writerow(row)
+        if step % self.checkpoint_every == 0 or step >= self.total_steps:
+            self.manager.save(checkpoint_number=step)
+
+
+def _truncate_history(path: Path, step: int) -> None:
+    """Drop history rows past the checkpoint we resume from (they will be recomputed)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        return
+    kept = [r for r in rows if int(float(r["step"])) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    os.replace(tmp, path)
+
+
+def plot_history(history_path: Path, out_path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with open(history_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        return
+    steps = [float(r["step"]) for r in rows]
+    names = [k for k in rows[0] if k != "step"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    axes[0].plot(steps, [float(r["total"]) for r in rows], label="total (Eq. 11)")
+    for name in names:
+        if name != "total":
+            axes[1].plot(steps, [float(r[name]) for r in rows], label=name)
+    for ax, title in zip(axes, ("total generator loss", "terms (unweighted)")):
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = out_path.with_name(out_path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, out_path)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps_done: int
+    resumed_from: int
+    model: LTNet
+    data: TrainingData
+
+
+def _check_same_config(run_dir: Path, config: ExperimentConfig) -> None:
+    """A resumed run must continue the same experiment (steps may be extended)."""
+    import yaml
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved = yaml.safe_load(saved_path.read_text())
+    current = config_to_dict(config)
+    for values in (saved, current):
+        values["train"].pop("steps", None)
+    if saved != current:
+        raise ValueError(f"{run_dir} holds a run with a different configuration; use another "
+                         "--out or the same config (only train.steps may change on resume)")
+
+
+def train(config: ExperimentConfig, run_dir, strategy=None, verbose: int = 1,
+          data: Optional[TrainingData] = None) -> TrainResult:
+    """Train (or resume) the run in ``run_dir``; returns the model and the data it used."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _check_same_config(run_dir, config)
+    steps, log_every = config.train.steps, config.train.log_every
+    if steps % log_every or config.train.checkpoint_every % log_every:
+        raise ValueError(f"train.steps ({steps}) and train.checkpoint_every "
+                         f"({config.train.checkpoint_every}) must be multiples of "
+                         f"train.log_every ({log_every})")
+    tf.keras.utils.set_random_seed(config.train.seed)
+    strategy = strategy or make_strategy(config.train.devices)
+
+    atlas_record = run_dir / "atlas.json"
+    saved_atlas = json.loads(atlas_record.read_text())["atlas"] if atlas_record.exists() else None
+    data = data or load_training_data(config.data, atlas=saved_atlas)
+    with strategy.scope():
+        model = build_model(config, data.atlas.image.shape)
+
+    save_config(config, run_dir / "config.yaml")
+    _write_json(run_dir / "environment.json", environment_record(config, strategy))
+    _write_json(atlas_record, {
+        "atlas": data.atlas.subject, "image": data.atlas.image_path,
+        "labels": data.atlas.label_path, "labels_tsv": str(config.data.resolved_labels_tsv()),
+        "label_ids": [int(i) for i in data.table.ids], "grid": data.atlas.grid.to_dict(),
+        "targets": [t.subject for t in data.targets]})
+
+    tracked = {"model": model, "generator_optimizer": model.generator_optimizer}
+    if model.discriminator_optimizer is not None:
+        tracked["discriminator_optimizer"] = model.discriminator_optimizer
+    checkpoint = tf.train.Checkpoint(**tracked)
+    # CheckpointManager writes the data files first and swaps the small index file atomically,
+    # so a run killed mid-save resumes from the previous complete checkpoint.
+    manager = tf.train.CheckpointManager(checkpoint, run_dir / "checkpoints", max_to_keep=2)
+    if manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    start = int(model.generator_optimizer.iterations.numpy())
+    history = run_dir / "history.csv"
+    _truncate_history(history, start)
+
+    if start < steps:
+        replicas = strategy.num_replicas_in_sync
+        dataset = training_dataset(data, replicas, config.train.seed, start, steps)
+        monitor = RunMonitor(manager, history, log_every, config.train.checkpoint_every, steps)
+        callbacks = [monitor, tf.keras.callbacks.TensorBoard(str(run_dir / "logs"))]
+        model.fit(dataset, epochs=steps // log_every, steps_per_epoch=log_every,
+                  initial_epoch=start // log_every, callbacks=callbacks, verbose=verbose)
+        if monitor.failure:
+            raise NonFiniteLossError(monitor.failure)
+    tmp_weights = run_dir / (FORWARD_WEIGHTS + ".tmp.h5")
+    model.forward_generator.save_weights(str(tmp_weights))
+    os.replace(tmp_weights, run_dir / FORWARD_WEIGHTS)
+    plot_history(history, run_dir / "loss_curve.png")
+    return TrainResult(run_dir, int(model.generator_optimizer.iterations.numpy()), start,
+                       model, data)
