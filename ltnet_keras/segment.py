@@ -18,59 +18,103 @@ from ltnet_keras.data.errors import VolumeError
 from ltnet_keras.data.io import load_image, load_label_map, save_volume, subject_id
 from ltnet_keras.data.labels import LabelTable
 
-# Voxels per chunk of the linear label warp: bounds its (n, 8, 8) comparison to ~130 MB.
-_CHUNK = 1 << 21
 
-
-def _corners(positions, shape):
-    """The 8 integer corners around each position and their trilinear weights."""
-    low = np.floor(positions)
-    frac = (positions - low).astype(np.float32)
-    low = low.astype(np.int64)
-    corner_index, corner_weight = [], []
-    for dx in (0, 1):
-        for dy in (0, 1):
-            for dz in (0, 1):
-                offset = np.array([dx, dy, dz])
-                idx = np.clip(low + offset, 0, np.array(shape) - 1)
-                w = np.prod(np.where(offset == 1, frac, 1 - frac), axis=-1)
-                corner_index.append(np.ravel_multi_index(idx.T, shape))
-                corner_weight.append(w)
-    return np.stack(corner_index, axis=1), np.stack(corner_weight, axis=1)
-
-
-def warp_label_map(label_map, positions, method="linear") -> np.ndarray:
-    """Eq. (2) for a label map: ``out[t] = label_map(positions[t])``.
-
-    ``positions``: ``(..., 3)`` sampling coordinates in ``label_map``'s voxels, clamped to the
-    volume. ``"nearest"`` takes the closest voxel; ``"linear"`` is trilinear interpolation of
-    the one-hot map followed by argmax, computed exactly from the 8 corners (a label's
-    interpolated value is the summed weight of the corners carrying it), without materialising
-    a one-hot volume.
-    """
+def _check_method(method):
     if method not in SEGMENT_INTERPOLATIONS:
         raise ValueError(f"unknown label interpolation {method!r}; valid: "
                          f"{', '.join(SEGMENT_INTERPOLATIONS)}")
+
+
+def _axis_interpolation(n_out, crop_start, n_network, factor):
+    """Where each original voxel along one axis falls between network block centres."""
+    import tensorflow as tf
+    cropped = tf.range(n_out, dtype=tf.float32) - tf.cast(crop_start, tf.float32)
+    f = tf.cast(factor, tf.float32)
+    # Network voxel i covers cropped voxels [i f, (i + 1) f): its centre is i f + (f - 1) / 2.
+    q = tf.clip_by_value((cropped - (f - 1.0) / 2.0) / f, 0.0, tf.cast(n_network - 1, tf.float32))
+    lower = tf.minimum(tf.cast(tf.floor(q), tf.int32), tf.maximum(n_network - 2, 0))
+    upper = tf.minimum(lower + 1, n_network - 1)
+    weight = q - tf.cast(lower, tf.float32)
+    inside = tf.logical_and(cropped >= 0.0, cropped < f * tf.cast(n_network, tf.float32))
+    return lower, upper, weight, inside
+
+
+def field_to_grid(field, original_shape, crop_start, factor):
+    """Network-grid field ``(x, y, z, 3)`` -> ``(X, Y, Z, 3)`` in original voxels (TF).
+
+    The same mapping as :meth:`GridSpec.field_to_original`: linear between block centres,
+    scaled by ``factor``, zero outside the crop; written as three separable 1D interpolations
+    so it runs in the same graph as the label warp.
+    """
+    import tensorflow as tf
+    out = field
+    inside_masks = []
+    for axis in range(3):
+        lower, upper, weight, inside = _axis_interpolation(
+            original_shape[axis], crop_start[axis], tf.shape(field)[axis], factor)
+        shape = [1, 1, 1, 1]
+        shape[axis] = -1
+        weight = tf.reshape(weight, shape)
+        out = (tf.gather(out, lower, axis=axis) * (1.0 - weight)
+               + tf.gather(out, upper, axis=axis) * weight)
+        inside_masks.append(tf.reshape(tf.cast(inside, tf.float32), shape))
+    mask = inside_masks[0] * inside_masks[1] * inside_masks[2]
+    return out * tf.cast(factor, tf.float32) * mask
+
+
+def sampling_grid(shape):
+    """``(X, Y, Z, 3)`` voxel coordinates of a grid (the identity transform)."""
+    import tensorflow as tf
+    axes = [tf.range(shape[i], dtype=tf.float32) for i in range(3)]
+    return tf.stack(tf.meshgrid(*axes, indexing="ij"), axis=-1)
+
+
+def warp_labels_tf(label_map, positions, method="linear"):
+    """Eq. (2) for a label map in TF: ``out[t] = label_map(positions[t])``, clamped at borders.
+
+    ``"nearest"`` takes the closest voxel. ``"linear"`` is trilinear interpolation of the
+    one-hot map followed by argmax, computed exactly from the 8 surrounding voxels (a label's
+    interpolated value is the summed weight of the corners carrying it) without materialising
+    a one-hot volume of every label.
+    """
+    import tensorflow as tf
+    _check_method(method)
+    upper_bound = tf.cast(tf.shape(label_map) - 1, tf.float32)
+    positions = tf.clip_by_value(positions, 0.0, upper_bound)
+    if method == "nearest":
+        return tf.gather_nd(label_map, tf.cast(tf.round(positions), tf.int32))
+    lower = tf.floor(positions)
+    frac = positions - lower
+    lower = tf.cast(lower, tf.int32)
+    top = tf.shape(label_map) - 1
+    corner_labels, corner_weights = [], []
+    for corner in range(8):
+        offset = [(corner >> 2) & 1, (corner >> 1) & 1, corner & 1]
+        index = tf.minimum(lower + tf.constant(offset, tf.int32), top)
+        corner_labels.append(tf.gather_nd(label_map, index))
+        weight = 1.0
+        for axis in range(3):
+            weight *= frac[..., axis] if offset[axis] else 1.0 - frac[..., axis]
+        corner_weights.append(weight)
+    best_label, best_score = corner_labels[0], tf.fill(tf.shape(corner_weights[0]), -1.0)
+    for k in range(8):
+        score = tf.add_n([tf.where(tf.equal(corner_labels[j], corner_labels[k]),
+                                   corner_weights[j], 0.0) for j in range(8)])
+        better = score > best_score
+        best_label = tf.where(better, corner_labels[k], best_label)
+        best_score = tf.where(better, score, best_score)
+    return best_label
+
+
+def warp_label_map(label_map, positions, method="linear") -> np.ndarray:
+    """numpy front end of :func:`warp_labels_tf`: ``positions`` ``(..., 3)`` in voxels of
+    ``label_map``; returns a label map of shape ``positions.shape[:-1]`` with its dtype."""
+    import tensorflow as tf
+    _check_method(method)
     label_map = np.asarray(label_map)
-    positions = np.asarray(positions, dtype=np.float32)
-    out_shape = positions.shape[:-1]
-    flat_positions = positions.reshape(-1, 3)
-    flat_labels = label_map.reshape(-1)
-    shape = np.array(label_map.shape)
-    out = np.empty(len(flat_positions), dtype=label_map.dtype)
-    for start in range(0, len(flat_positions), _CHUNK):
-        chunk = flat_positions[start:start + _CHUNK]
-        if method == "nearest":
-            idx = np.clip(np.rint(chunk).astype(np.int64), 0, shape - 1)
-            out[start:start + len(chunk)] = flat_labels[np.ravel_multi_index(idx.T, label_map.shape)]
-            continue
-        index, weight = _corners(chunk, label_map.shape)
-        corner_labels = flat_labels[index]
-        same = corner_labels[:, :, None] == corner_labels[:, None, :]
-        score = np.einsum("nkj,nj->nk", same, weight, dtype=np.float32)
-        best = np.argmax(score, axis=1)
-        out[start:start + len(chunk)] = np.take_along_axis(corner_labels, best[:, None], 1)[:, 0]
-    return out.reshape(out_shape)
+    warped = warp_labels_tf(tf.constant(label_map.astype(np.int32)),
+                            tf.constant(np.asarray(positions, dtype=np.float32)), method)
+    return warped.numpy().astype(label_map.dtype)
 
 
 def warp_image(image, positions) -> np.ndarray:
@@ -87,9 +131,16 @@ class Segmentation:
     labels: np.ndarray
     affine: np.ndarray
     header: object
-    sampling_positions: np.ndarray
     forward_field: np.ndarray
+    atlas_offset: np.ndarray
     seconds: Dict[str, float] = field(default_factory=dict)
+
+    @property
+    def sampling_positions(self) -> np.ndarray:
+        """``(X, Y, Z, 3)``: where each voxel of the scan samples the atlas (atlas voxels)."""
+        grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32)
+                                      for n in self.labels.shape], indexing="ij"), -1)
+        return grid + self.forward_field + self.atlas_offset
 
 
 class Segmenter:
@@ -109,9 +160,7 @@ class Segmenter:
         self.config = load_config(run_dir / "config.yaml")
         record = json.loads((run_dir / "atlas.json").read_text())
         self.label_interp = label_interp or self.config.segment.label_interp
-        if self.label_interp not in SEGMENT_INTERPOLATIONS:
-            raise ValueError(f"unknown label interpolation {self.label_interp!r}; valid: "
-                             f"{', '.join(SEGMENT_INTERPOLATIONS)}")
+        _check_method(self.label_interp)
         self.table = LabelTable.from_ids(record["label_ids"])
         atlas_image = atlas_image or record["image"]
         atlas_labels = atlas_labels or record["labels"]
@@ -125,20 +174,31 @@ class Segmenter:
                                         "forward_generator")
         self.generator.load_weights(str(run_dir / FORWARD_WEIGHTS))
         atlas_input = tf.constant(self.atlas.image[None, ..., None])
-        generator = self.generator
+        atlas_labels_tensor = tf.constant(self.atlas_labels.astype(np.int32))
+        generator, method = self.generator, self.label_interp
+        factor = data.factor
 
-        # Traced once for the network grid; later scans reuse the graph.
+        # Each graph is traced once per grid shape; later scans reuse it.
         @tf.function(jit_compile=jit_compile, reduce_retracing=True)
         def predict_field(target):
             return generator([atlas_input, target], training=False)[0]
 
-        self._predict_field = predict_field
+        # XLA fuses the up-sampling and the 8-corner label vote into a few loops over the grid.
+        @tf.function(jit_compile=True)
+        def transfer(field_network, original_shape, crop_start, offset):
+            forward_field = field_to_grid(field_network, original_shape, crop_start, factor)
+            positions = sampling_grid(original_shape) + forward_field + offset
+            return warp_labels_tf(atlas_labels_tensor, positions, method), forward_field
 
-    def forward_field(self, target: PreparedSubject) -> np.ndarray:
-        """``(x, y, z, 3)`` forward field on the network grid for a prepared scan."""
-        return self._predict_field(target.image[None, ..., None]).numpy()
+        self._predict_field = predict_field
+        self._transfer = transfer
+
+    def forward_field(self, target: PreparedSubject):
+        """``(x, y, z, 3)`` forward field (a tensor) on the network grid for a prepared scan."""
+        return self._predict_field(target.image[None, ..., None])
 
     def segment(self, image_path) -> Segmentation:
+        """Label map of one scan on its own grid, with the field in its voxels (Eq. 2)."""
         seconds = {}
         clock = time.perf_counter()
         data = self.config.data
@@ -148,20 +208,17 @@ class Segmenter:
 
         clock = time.perf_counter()
         field_network = self.forward_field(target)
-        seconds["network"] = time.perf_counter() - clock
-
-        clock = time.perf_counter()
-        forward_field = target.grid.field_to_original(field_network)
         # Both crops are centred on their own brain: network voxel p is original voxel
-        # start + factor * p (+ block centre) in each, hence the constant offset between them.
-        offset = (np.array(self.atlas.grid.crop_start) - np.array(target.grid.crop_start))
-        grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32)
-                                      for n in target.grid.original_shape], indexing="ij"), -1)
-        positions = grid + forward_field + offset.astype(np.float32)
-        labels = warp_label_map(self.atlas_labels, positions, self.label_interp)
-        seconds["warp"] = time.perf_counter() - clock
-        return Segmentation(target.subject, labels, target.affine, target.header, positions,
-                            forward_field, seconds)
+        # start + factor * p (+ block centre) in each, hence a constant offset between them.
+        offset = (np.array(self.atlas.grid.crop_start)
+                  - np.array(target.grid.crop_start)).astype(np.float32)
+        labels, forward_field = self._transfer(
+            field_network, tuple(target.grid.original_shape),
+            np.array(target.grid.crop_start, dtype=np.int32), offset)
+        labels, forward_field = labels.numpy(), forward_field.numpy()
+        seconds["network_and_warp"] = time.perf_counter() - clock
+        return Segmentation(target.subject, labels.astype(self.atlas_labels.dtype),
+                            target.affine, target.header, forward_field, offset, seconds)
 
     def segment_to_files(self, image_path, out_dir, save_warped_atlas=False,
                          save_field=False) -> Segmentation:

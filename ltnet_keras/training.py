@@ -21,7 +21,7 @@ from ltnet_keras.config import ExperimentConfig, config_to_dict, save_config
 from ltnet_keras.data.dataset import TrainingData, load_training_data, training_dataset
 from ltnet_keras.models.ltnet import LTNet
 
-FORWARD_WEIGHTS = "forward_generator.weights.h5"
+FORWARD_WEIGHTS = "forward_generator.h5"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -236,7 +236,7 @@ def train(config: ExperimentConfig, run_dir, strategy=None, verbose: int = 1,
                   initial_epoch=start // log_every, callbacks=callbacks, verbose=verbose)
         if monitor.failure:
             raise NonFiniteLossError(monitor.failure)
-    tmp_weights = run_dir / (FORWARD_WEIGHTS + ".tmp.h5")
+    tmp_weights = run_dir / "forward_generator.tmp.h5"
     model.forward_generator.save_weights(str(tmp_weights))
     os.replace(tmp_weights, run_dir / FORWARD_WEIGHTS)
     plot_history(history, run_dir / "loss_curve.png")
