@@ -130,7 +130,8 @@ def config_paths(table: str, rows: Optional[Sequence[str]] = None) -> List[Path]
     return [CONFIG_DIR / table / f"{row}.yaml" for row in rows]
 
 
-def load_rows(paths: Sequence[Path], overrides: Optional[dict] = None) -> Dict[str, ExperimentConfig]:
+def load_rows(paths: Sequence[Path],
+              overrides: Optional[dict] = None) -> Dict[str, ExperimentConfig]:
     """Row name (file stem) -> validated config, with ``overrides`` (dotted keys) applied."""
     return {Path(p).stem: load_config(p, overrides) for p in paths}
 
@@ -470,9 +471,10 @@ def run_table(table_name: str, config_paths: Sequence[Path], out_root,
     rows += list(extra_rows)
     first = next(iter(configs.values()))
     title = title or table_name
+    steps = sorted({c.train.steps for c in configs.values()})
     title += (f" — atlas {run_atlas(next(iter(run_dirs.values())))}, "
               f"{len(first.data.val_subjects)} held-out subjects, network grid "
-              f"{first.data.network_shape}, steps {sorted({c.train.steps for c in configs.values()})}")
+              f"{first.data.network_shape}, steps {steps}")
     markdown = write_table(out_root, table_name, title, rows, notes)
     write_provenance(out_root, table_name, configs, overrides,
                      {"run_dirs": {r: str(d) for r, d in run_dirs.items()}})

@@ -8,7 +8,8 @@ Table 4 is on CANDI's 16 structures; only caudate, putamen, hippocampus and brai
 both protocols and are shown side by side (CANDI numbers: not comparable in absolute value).
 DataAug and the supervised U-Net columns of the paper are not reproduced.
 
-    python experiments/table4_structures.py --runs voxelmorph=runs/table1/voxelmorph ltnet=runs/table2/ltnet
+    python experiments/table4_structures.py --runs voxelmorph=runs/table1/voxelmorph \\
+        ltnet=runs/table2/ltnet
     python experiments/table4_structures.py --smoke
 """
 from common import (NO_REGISTRATION, TABLE_ROWS, build_parser, collect_rows, config_paths,

@@ -7,7 +7,8 @@ which would need a segmentation network trained on labels; the package has none.
 show the paper's CANDI numbers only, with no number of ours.
 
     python experiments/table5_sota.py
-    python experiments/table5_sota.py --runs voxelmorph=runs/table1/voxelmorph ltnet=runs/table2/ltnet
+    python experiments/table5_sota.py --runs voxelmorph=runs/table1/voxelmorph \\
+        ltnet=runs/table2/ltnet
     python experiments/table5_sota.py --smoke
 """
 from common import (Row, build_parser, config_paths, overrides_from_args, parse_runs,

@@ -24,17 +24,11 @@ import numbers
 
 import tensorflow as tf  # the package __init__ has already set TF_USE_LEGACY_KERAS=1
 
+from ltnet_keras.config import LossWeights
+
 #: Effective multiplier of each term in Eq. (11) with the paper's lambda_1 = 10, lambda_2 = 3:
 #: L = GAN + sim + 10 * cyc + 3 * (anatomy_cyc + smooth + trans + diff_cyc).
-EQ11_WEIGHTS = {
-    "gan": 1.0,
-    "sim": 1.0,
-    "cyc": 10.0,
-    "smooth": 3.0,
-    "trans": 3.0,
-    "anatomy_cyc": 3.0,
-    "diff_cyc": 3.0,
-}
+EQ11_WEIGHTS = LossWeights().terms()
 
 #: The term names :func:`total_generator_loss` accepts.
 TERM_NAMES = tuple(EQ11_WEIGHTS)

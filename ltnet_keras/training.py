@@ -3,7 +3,7 @@
 A run directory holds ``config.yaml``, ``environment.json`` (versions, devices, seed),
 ``atlas.json`` (atlas, label table, grid), ``checkpoints/``, ``logs/`` (TensorBoard),
 ``history.csv`` (one row per ``log_every`` steps), ``loss_curve.png`` and, at the end,
-``forward_generator.weights.h5`` (all that segmentation needs).
+``forward_generator.h5`` (all that segmentation needs).
 """
 import csv
 import json
@@ -93,6 +93,7 @@ class RunMonitor(tf.keras.callbacks.Callback):
         self.checkpoint_every = checkpoint_every
         self.total_steps = total_steps
         self.failure: Optional[str] = None
+        self.last_good_step: Optional[int] = None
 
     def _step(self) -> int:
         return int(self.model.generator_optimizer.iterations.numpy())
@@ -103,6 +104,8 @@ class RunMonitor(tf.keras.callbacks.Callback):
             self.failure = (f"non-finite loss at step {self._step()}: {bad}; the run stopped and "
                             f"its last good checkpoint is {self.manager.latest_checkpoint}")
             self.model.stop_training = True
+        else:
+            self.last_good_step = self._step()
 
     def on_epoch_end(self, epoch, logs=None):
         if self.failure:
@@ -137,16 +140,16 @@ def _truncate_history(path: Path, step: int) -> None:
 
 
 def plot_history(history_path: Path, out_path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure (no pyplot) leaves the caller's matplotlib backend alone, e.g. in notebooks.
+    from matplotlib.figure import Figure
     with open(history_path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     if not rows:
         return
     steps = [float(r["step"]) for r in rows]
     names = [k for k in rows[0] if k != "step"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     axes[0].plot(steps, [float(r["total"]) for r in rows], label="total (Eq. 11)")
     for name in names:
         if name != "total":
@@ -158,7 +161,6 @@ def plot_history(history_path: Path, out_path: Path) -> None:
     fig.tight_layout()
     tmp = out_path.with_name(out_path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=90)
-    plt.close(fig)
     os.replace(tmp, out_path)
 
 
@@ -232,8 +234,20 @@ def train(config: ExperimentConfig, run_dir, strategy=None, verbose: int = 1,
         dataset = training_dataset(data, replicas, config.train.seed, start, steps)
         monitor = RunMonitor(manager, history, log_every, config.train.checkpoint_every, steps)
         callbacks = [monitor, tf.keras.callbacks.TensorBoard(str(run_dir / "logs"))]
-        model.fit(dataset, epochs=steps // log_every, steps_per_epoch=log_every,
-                  initial_epoch=start // log_every, callbacks=callbacks, verbose=verbose)
+        try:
+            model.fit(dataset, epochs=steps // log_every, steps_per_epoch=log_every,
+                      initial_epoch=start // log_every, callbacks=callbacks, verbose=verbose)
+        except tf.errors.InvalidArgumentError as error:
+            # A NaN displacement becomes the gather index INT_MIN inside the warp.
+            if "-2147483648" not in str(error):
+                raise
+            # The optimiser counter may already be past the failed step (its increment does
+            # not wait for the warp), so count from the last step the monitor saw finish.
+            step = (start if monitor.last_good_step is None else monitor.last_good_step) + 1
+            raise NonFiniteLossError(
+                f"non-finite displacement field at step {step} (NaN in the input or the "
+                f"network); the run stopped and its last good checkpoint is "
+                f"{manager.latest_checkpoint}") from None
         if monitor.failure:
             raise NonFiniteLossError(monitor.failure)
     tmp_weights = run_dir / "forward_generator.tmp.h5"

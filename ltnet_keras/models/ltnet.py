@@ -13,6 +13,17 @@ from ltnet_keras.models.discriminator import make_patchgan
 from ltnet_keras.models.generators import make_generator, make_warp
 
 
+def _guard_non_finite(gradients, loss):
+    """Zero non-finite gradients so the weights stay finite, and make ``loss`` NaN instead.
+
+    A finite loss can still have inf/NaN gradients; applying them would poison every later step
+    (NaN fields crash the warp). The NaN loss lets the run monitor stop at this very step.
+    """
+    finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in gradients])
+    safe = [tf.where(tf.math.is_finite(g), g, tf.zeros_like(g)) for g in gradients]
+    return safe, tf.where(finite, loss, tf.fill(tf.shape(loss), float("nan")))
+
+
 class LTNet(tf.keras.Model):
     """G_F, G_B and D with a custom ``train_step`` alternating a G and a D update.
 
@@ -132,7 +143,7 @@ class LTNet(tf.keras.Model):
             total = losses.total_generator_loss(terms, self.term_weights)
             generator_loss = self._replica_mean(total)
         variables = self.generator_variables
-        gradients = tape.gradient(generator_loss, variables)
+        gradients, total = _guard_non_finite(tape.gradient(generator_loss, variables), total)
         self.generator_optimizer.apply_gradients(zip(gradients, variables))
 
         discriminator_loss = None
@@ -145,7 +156,8 @@ class LTNet(tf.keras.Model):
                     self.discriminator(fake, training=True))
                 replica_loss = self._replica_mean(discriminator_loss)
             d_variables = self.discriminator.trainable_variables
-            d_gradients = tape.gradient(replica_loss, d_variables)
+            d_gradients, discriminator_loss = _guard_non_finite(
+                tape.gradient(replica_loss, d_variables), discriminator_loss)
             self.discriminator_optimizer.apply_gradients(zip(d_gradients, d_variables))
         return self._record(terms, total, discriminator_loss)
 

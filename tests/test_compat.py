@@ -1,0 +1,93 @@
+"""The environment shims of ltnet_keras._compat: getargspec for neurite, Keras 2 via tf_keras."""
+import inspect
+import os
+import sys
+
+import ltnet_keras  # noqa: F401  (must precede TensorFlow)
+
+import numpy as np
+import pytest
+
+from ltnet_keras import _compat
+
+
+def _sample(a, b, c=3, *rest, d=4, **options):
+    return a, b, c, rest, d, options
+
+
+def _plain(x, y=1.5):
+    return x, y
+
+
+def test_getargspec_shim_matches_the_python_3_10_tuple():
+    spec = _compat._getargspec(_sample)
+    assert tuple(spec) == (["a", "b", "c"], "rest", "options", (3,))
+    assert spec.args == ["a", "b", "c"]
+    assert spec.varargs == "rest"
+    assert spec.keywords == "options"
+    assert spec.defaults == (3,)
+    plain = _compat._getargspec(_plain)
+    assert tuple(plain) == (["x", "y"], None, None, (1.5,))
+
+
+def test_inspect_has_getargspec_after_import():
+    assert hasattr(inspect, "getargspec")
+    assert hasattr(inspect, "ArgSpec")
+    spec = inspect.getargspec(_plain)
+    assert spec.args == ["x", "y"] and spec.defaults == (1.5,)
+
+
+def test_install_is_idempotent():
+    before = inspect.getargspec
+    _compat.install_getargspec_shim()
+    assert inspect.getargspec is before
+
+
+def test_neurite_imports():
+    import neurite  # noqa: F401  (calls inspect.getargspec at import on Python >= 3.11)
+    import voxelmorph  # noqa: F401
+
+
+def test_tf_keras_is_keras_2():
+    import tensorflow as tf
+    assert os.environ["TF_USE_LEGACY_KERAS"] == "1"
+    assert tf.keras.layers.Dense.__module__.startswith("tf_keras"), tf.keras.layers.Dense.__module__
+    import tf_keras
+    assert tf.keras.Model is tf_keras.Model
+
+
+def test_vxmdense_forward_through_the_pinned_stack():
+    import tensorflow as tf
+    import voxelmorph as vxm
+    tf.keras.utils.set_random_seed(0)
+    model = vxm.networks.VxmDense((32, 32, 32), [[16, 32, 32, 32], [32, 32, 32, 32, 32, 16, 16]],
+                                  int_steps=0)
+    rng = np.random.default_rng(0)
+    moving = rng.random((1, 32, 32, 32, 1), dtype=np.float32)
+    fixed = rng.random((1, 32, 32, 32, 1), dtype=np.float32)
+    warped, flow = model([moving, fixed])
+    assert tuple(warped.shape) == (1, 32, 32, 32, 1)
+    assert tuple(flow.shape) == (1, 32, 32, 32, 3)
+    # voxelmorph initialises the flow convolution with N(0, 1e-5): the untrained field is ~0.
+    assert float(np.abs(flow.numpy()).max()) < 1e-2
+    assert np.all(np.isfinite(warped.numpy()))
+
+
+def test_require_legacy_keras_raises_when_tensorflow_came_first(monkeypatch):
+    assert "tensorflow" in sys.modules
+    monkeypatch.setenv("TF_USE_LEGACY_KERAS", "0")
+    with pytest.raises(RuntimeError, match="TF_USE_LEGACY_KERAS"):
+        _compat.require_legacy_keras()
+    monkeypatch.delenv("TF_USE_LEGACY_KERAS")
+    with pytest.raises(RuntimeError):
+        _compat.require_legacy_keras()
+    monkeypatch.setenv("TF_USE_LEGACY_KERAS", "1")
+    _compat.require_legacy_keras()  # already set: fine
+    assert os.environ["TF_USE_LEGACY_KERAS"] == "1"
+
+
+def test_require_legacy_keras_sets_the_variable_before_tensorflow(monkeypatch):
+    monkeypatch.delitem(sys.modules, "tensorflow")
+    monkeypatch.delenv("TF_USE_LEGACY_KERAS")
+    _compat.require_legacy_keras()
+    assert os.environ["TF_USE_LEGACY_KERAS"] == "1"

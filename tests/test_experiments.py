@@ -1,0 +1,169 @@
+"""The table experiments: configs match the paper's rows, fusion, and one tiny table end to end."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ltnet_keras.config import load_config
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))
+import common  # noqa: E402  (experiments/common.py, imported the way the scripts import it)
+
+CONFIGS = sorted((EXPERIMENTS / "configs").glob("table*/*.yaml"))
+SCRIPTS = ["table1_forward_backward.py", "table2_ablation.py", "table3_multi_atlas.py",
+           "table4_structures.py", "table5_sota.py"]
+# Loss terms switched on in each row of Tables 1-2 (Eq. 11).
+ACTIVE_TERMS = {
+    "voxelmorph": {"sim", "smooth"},
+    "gan": {"gan", "sim", "smooth"},
+    "gan_cyc": {"gan", "sim", "smooth", "cyc"},
+    "trans": {"gan", "sim", "smooth", "cyc", "trans"},
+    "anatomy": {"gan", "sim", "smooth", "cyc", "anatomy_cyc"},
+    "trans_anatomy": {"gan", "sim", "smooth", "cyc", "trans", "anatomy_cyc"},
+    "ltnet": {"gan", "sim", "smooth", "cyc", "trans", "anatomy_cyc", "diff_cyc"},
+}
+TINY = {"train.steps": 10, "data.crop_shape": [128, 192, 128], "data.factor": 4,
+        "data.train_subjects": ["S11", "S12"], "data.val_subjects": ["S13"], "data.atlas": "S11"}
+
+
+def test_there_is_one_config_per_row_of_every_table():
+    for table, rows in common.TABLE_ROWS.items():
+        stems = sorted(p.stem for p in (EXPERIMENTS / "configs" / table).glob("*.yaml"))
+        assert stems == sorted(rows), table
+    assert len(CONFIGS) == sum(len(rows) for rows in common.TABLE_ROWS.values())
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_config_loads_with_its_preset_and_the_default_protocol(path):
+    config = load_config(path)
+    assert config.preset == path.stem
+    assert config.name == f"{path.parent.name}_{path.stem}"
+    assert set(t for t, w in config.weights.terms().items() if w > 0) == ACTIVE_TERMS[path.stem]
+    assert config.data.crop_shape == (160, 192, 160) and config.data.factor == 2
+    assert config.data.network_shape == (80, 96, 80)
+    assert config.data.atlas == "auto"
+    assert config.data.train_subjects == [f"S{i}" for i in range(11, 31)]
+    assert config.data.val_subjects == [f"S{i}" for i in range(31, 41)]
+    assert not set(config.data.train_subjects) & set(config.data.val_subjects)
+    train = config.train
+    assert (train.steps, train.log_every, train.checkpoint_every, train.seed) == (2000, 10, 100, 0)
+
+
+def test_tables_1_and_2_have_exactly_the_papers_rows_in_order():
+    assert list(common.TABLE_ROWS["table1"]) == ["voxelmorph", "gan", "gan_cyc"]
+    assert list(common.TABLE_ROWS["table2"]) == ["gan_cyc", "trans", "anatomy", "trans_anatomy",
+                                                 "ltnet"]
+    for table in ("table1", "table2"):
+        paper_rows = [paper for _, paper in common.TABLE_ROWS[table].values()]
+        assert paper_rows == list(common.PAPER_REFERENCE[table])
+    # Table 2's baseline is Table 1's last row, in the paper and here.
+    assert common.PAPER_REFERENCE["table2"]["Baseline"] == \
+        common.PAPER_REFERENCE["table1"]["+ L_GAN + L_cyc"]
+    t1 = load_config(EXPERIMENTS / "configs/table1/gan_cyc.yaml")
+    t2 = load_config(EXPERIMENTS / "configs/table2/gan_cyc.yaml")
+    assert t1.weights == t2.weights
+
+
+def test_paper_reference_numbers_are_consistent():
+    for table, rows in common.PAPER_REFERENCE.items():
+        for name, (mean, std, low, high) in rows.items():
+            assert low <= mean <= high and std > 0, (table, name)
+    table4 = common.PAPER_TABLE4
+    assert all(len(v) == len(table4["structures"]) for v in table4["rows"].values())
+    assert set(common.SHARED_STRUCTURES.values()) <= set(table4["structures"])
+    for table in ("table3", "table4", "table5"):
+        for _, paper in common.TABLE_ROWS[table].values():
+            assert paper in common.PAPER_REFERENCE.get(table, table4["rows"])
+
+
+def test_majority_vote_hand_computed():
+    a = np.array([0, 1, 2, 2, 5])
+    b = np.array([0, 2, 2, 1, 7])
+    c = np.array([1, 1, 2, 3, 7])
+    # voxel 0: 0,0,1 -> 0; 1: 1,2,1 -> 1; 2: unanimous 2; 3: 2,1,3 all tied -> first map (2);
+    # voxel 4: 5,7,7 -> 7.
+    np.testing.assert_array_equal(common.majority_vote([a, b, c]), [0, 1, 2, 2, 7])
+    # The order of the maps is the tie-break priority.
+    np.testing.assert_array_equal(common.majority_vote([c, b, a]), [0, 1, 2, 3, 7])
+    np.testing.assert_array_equal(common.majority_vote([b, a]), b)
+    np.testing.assert_array_equal(common.majority_vote([a]), a)
+
+
+def test_majority_vote_3d_dtype_and_errors():
+    maps = [np.full((2, 2, 2), v, dtype=np.uint8) for v in (3, 4, 4, 3, 3)]
+    fused = common.majority_vote(maps)
+    assert fused.dtype == np.uint8 and fused.shape == (2, 2, 2) and (fused == 3).all()
+    with pytest.raises(ValueError):
+        common.majority_vote([])
+    with pytest.raises(ValueError):
+        common.majority_vote([np.zeros(3), np.zeros(4)])
+
+
+def test_overrides_from_arguments():
+    parser = common.build_parser("table1", "test")
+    args = parser.parse_args(["--smoke", "--steps", "20", "--data", "/x",
+                              "--set", "data.val_subjects=[S31, S32]", "--set", "train.seed=3"])
+    overrides = common.overrides_from_args(args)
+    assert overrides["train.steps"] == 20 and overrides["data.root"] == "/x"
+    assert overrides["data.val_subjects"] == ["S31", "S32"] and overrides["train.seed"] == 3
+    assert overrides["data.factor"] == 4
+    config, = common.load_rows(common.config_paths("table1", ["gan"]), overrides).values()
+    assert config.train.steps == 20 and config.data.network_shape == (32, 48, 32)
+    with pytest.raises(SystemExit):
+        common.config_paths("table1", ["ltnet"])
+    with pytest.raises(SystemExit):
+        common.parse_set(["no_equals_sign"])
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_script_help(script):
+    out = subprocess.run([sys.executable, str(EXPERIMENTS / script), "--help"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--out" in out.stdout and "--steps" in out.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_table(lpba40_root, tmp_path_factory):
+    out = tmp_path_factory.mktemp("table1")
+    paths = common.config_paths("table1", ["voxelmorph"])
+    result = common.run_table("table1", paths, out, TINY, verbose=0)
+    return out, result
+
+
+@pytest.mark.slow
+def test_run_table_one_row_writes_table_and_provenance(tiny_table, capsys):
+    out, result = tiny_table
+    markdown = (out / "table1.md").read_text()
+    lines = [line for line in markdown.splitlines() if line.startswith("| ")]
+    methods = [line.split("|")[1].strip() for line in lines[1:]]
+    assert methods == [common.NO_REGISTRATION, "VoxelMorph"]
+    assert "76.0 (9.7)" in markdown  # the paper's VoxelMorph row beside ours
+    csv_rows = (out / "table1.csv").read_text().splitlines()
+    assert len(csv_rows) == 3 and csv_rows[0].startswith("method,level,n,mean")
+    provenance = json.loads((out / "provenance.json").read_text())
+    for key in ("configs", "git_commit", "packages", "seeds", "date", "overrides"):
+        assert key in provenance
+    assert provenance["configs"]["voxelmorph"]["train"]["steps"] == 10
+    assert provenance["seeds"] == {"voxelmorph": 0}
+    assert [s.subject for s in result.scores["voxelmorph"]] == ["S13"]
+    # A second call finds the run finished and scored, and reads it back.
+    again = common.run_table("table1", common.config_paths("table1", ["voxelmorph"]), out, TINY,
+                             verbose=0)
+    assert "finished and scored" in capsys.readouterr().out
+    assert again.scores["voxelmorph"][0].structures == result.scores["voxelmorph"][0].structures
+
+
+@pytest.mark.slow
+def test_multi_atlas_with_one_atlas_is_the_single_atlas_segmentation(tiny_table):
+    out, result = tiny_table
+    config, run_dir = result.configs["voxelmorph"], result.run_dirs["voxelmorph"]
+    scores, atlases, seconds = common.multi_atlas_scores(run_dir, config, [1, 2, 3])
+    assert atlases == ["S11", "S12"] and list(scores) == [1, 2] and seconds > 0
+    single, = result.scores["voxelmorph"]
+    assert scores[1][0].mean_structure == pytest.approx(single.mean_structure, abs=1e-6)
+    assert 0 < scores[2][0].mean_structure <= 1
