@@ -4,6 +4,8 @@
   voxelmorph/neurite 0.2 are written against. Standalone Keras 3 layers applied to tf_keras
   tensors build but silently never train, so the whole project stays on ``tf.keras``.
 * neurite 0.2 calls ``inspect.getargspec``, which Python 3.11 removed.
+* ``TF_ENABLE_ONEDNN_OPTS=1``: the pinned TensorFlow CPU build leaves oneDNN off, and its own
+  Conv3D filter gradients are 10-100x slower (measured by ``benchmarks/speed.py``).
 """
 import inspect
 import os
@@ -18,6 +20,11 @@ def require_legacy_keras():
             "is Keras 3 and voxelmorph 0.2 cannot train. Import ltnet_keras first or export "
             "TF_USE_LEGACY_KERAS=1.")
     os.environ["TF_USE_LEGACY_KERAS"] = "1"
+
+
+def enable_onednn():
+    """Use oneDNN kernels on CPU unless the user chose otherwise (no effect once TF is loaded)."""
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 
 def _getargspec(func):

@@ -16,17 +16,29 @@ from ltnet_keras.data.io import load_label_map
 from ltnet_keras.data.labels import LabelTable
 
 
-def no_registration_scores(config: ExperimentConfig, atlas: str,
-                           subjects: List[str]) -> List[evaluation.SubjectScores]:
+def no_registration_scores(config: ExperimentConfig, atlas: str, subjects: List[str],
+                           on_network_grid: bool = False) -> List[evaluation.SubjectScores]:
     """The floor: atlas labels compared to each subject's labels with no registration at all
-    (the data are affinely pre-aligned, so this is the "affine only" baseline)."""
+    (the data are affinely pre-aligned, so this is the "affine only" baseline).
+
+    ``on_network_grid``: compare on the down-sampled grid of ``config`` (the atlas' crop, labels
+    sampled by nearest neighbour) instead of at full resolution.
+    """
+    from ltnet_keras.data.io import load_image
+    from ltnet_keras.data.preprocess import GridSpec, normalise_intensity
     table = LabelTable.from_tsv(config.data.resolved_labels_tsv())
     atlas_files, = subject_files(config.data, [atlas])
     atlas_labels = load_label_map(atlas_files.label).array
+    to_grid = lambda labels: labels  # noqa: E731
+    if on_network_grid:
+        grid = GridSpec.centred_on(normalise_intensity(load_image(atlas_files.image).array),
+                                   config.data.crop_shape, config.data.factor)
+        to_grid = lambda labels: grid.to_network(labels, "label")  # noqa: E731
     scores = []
     for files in subject_files(config.data, subjects):
         truth = load_label_map(files.label).array
-        scores.append(evaluation.evaluate_pair(atlas_labels, truth, table, files.id))
+        scores.append(evaluation.evaluate_pair(to_grid(atlas_labels), to_grid(truth), table,
+                                               files.id))
     return scores
 
 

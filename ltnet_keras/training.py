@@ -142,6 +142,8 @@ def _truncate_history(path: Path, step: int) -> None:
 def plot_history(history_path: Path, out_path: Path) -> None:
     # A bare Figure (no pyplot) leaves the caller's matplotlib backend alone, e.g. in notebooks.
     from matplotlib.figure import Figure
+    if not history_path.exists():
+        return
     with open(history_path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     if not rows:
