@@ -12,10 +12,8 @@ ours are on LPBA40 (56 labels merged into 28 mostly cortical structures), so onl
 of the methods can be compared, never the absolute values.
 """
 import argparse
-import csv
 import dataclasses
 import datetime
-import io
 import json
 import platform
 import subprocess
@@ -29,6 +27,7 @@ import yaml
 import ltnet_keras  # noqa: F401  (sets up tf.keras before TensorFlow loads)
 from ltnet_keras import evaluation
 from ltnet_keras.config import ExperimentConfig, config_to_dict, load_config
+from ltnet_keras.records import atomic_write_text, csv_text, package_versions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -297,18 +296,6 @@ def _git(*args) -> Optional[str]:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
-def package_versions() -> Dict[str, Optional[str]]:
-    from importlib.metadata import PackageNotFoundError, version
-    versions = {"python": platform.python_version()}
-    for name in ("ltnet-keras", "tensorflow", "tf-keras", "voxelmorph", "neurite", "numpy",
-                 "scipy", "nibabel", "matplotlib"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
-    return versions
-
-
 def write_provenance(out_root, table: str, configs: Mapping[str, ExperimentConfig],
                      overrides: Optional[dict] = None, extra: Optional[dict] = None) -> Path:
     """``provenance.json``: what produced the table (configs, commit, versions, seeds, date)."""
@@ -329,9 +316,7 @@ def write_provenance(out_root, table: str, configs: Mapping[str, ExperimentConfi
     }
     record.update(extra or {})
     path = out_root / "provenance.json"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(record, indent=2, default=str))
     return path
 
 
@@ -375,14 +360,6 @@ def format_markdown_table(rows: Sequence[Row], reference: Mapping[str, tuple]) -
     return "\n".join(lines)
 
 
-def _csv_text(header, body) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(header)
-    writer.writerows(body)
-    return buffer.getvalue()
-
-
 def write_table(out_root, table: str, title: str, rows: Sequence[Row], notes: Sequence[str] = (),
                 structures: bool = True) -> str:
     """Write ``<table>.md`` and ``<table>.csv`` (plus each row's per-subject CSV); return the
@@ -399,7 +376,7 @@ def write_table(out_root, table: str, title: str, rows: Sequence[Row], notes: Se
                      row.paper or "", *(list(ref) if ref else [""] * 4), row.note])
     header = ["method", "level", "n", "mean", "std", "min", "max", "paper_row", "paper_mean",
               "paper_std", "paper_min", "paper_max", "note"]
-    (out_root / f"{table}.csv").write_text(_csv_text(header, body))
+    atomic_write_text(out_root / f"{table}.csv", csv_text(header, body))
     scored = {row.label: row.scores for row in rows if row.scores}
     text = [f"# {title}", "",
             "Dice (%) on the held-out LPBA40 subjects: each subject's mean over the merged "
@@ -410,7 +387,7 @@ def write_table(out_root, table: str, title: str, rows: Sequence[Row], notes: Se
         text += ["Per structure (mean (std) over subjects):", "", "```",
                  evaluation.format_structure_table(scored), "```", ""]
     markdown = "\n".join(text)
-    (out_root / f"{table}.md").write_text(markdown)
+    atomic_write_text(out_root / f"{table}.md", markdown)
     return markdown
 
 
@@ -501,7 +478,7 @@ def write_structure_table(out_root, table: str, title: str,
             ref = paper[paper_index[shared]] if paper and shared else ""
             body.append([method, structure, len(scores), f"{s['mean']:.4f}", f"{s['std']:.4f}",
                          shared or "", ref])
-    (out_root / f"{table}.csv").write_text(_csv_text(
+    atomic_write_text(out_root / f"{table}.csv", csv_text(
         ["method", "structure", "n", "mean", "std", "paper_structure", "paper_mean"], body))
 
     summaries = {method: evaluation.summarise(scores) for method, scores in results.items()}
@@ -532,7 +509,7 @@ def write_structure_table(out_root, table: str, title: str,
             "in absolute value):", "", *paper_lines, "", f"Note: {PAPER_NOTE}", ""]
     text += [f"Note: {n}" for n in notes]
     markdown = "\n".join(text) + "\n"
-    (out_root / f"{table}.md").write_text(markdown)
+    atomic_write_text(out_root / f"{table}.md", markdown)
     return markdown
 
 

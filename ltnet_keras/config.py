@@ -214,7 +214,5 @@ def config_to_dict(config: ExperimentConfig) -> dict:
 
 
 def save_config(config: ExperimentConfig, path) -> None:
-    tmp = Path(str(path) + ".tmp")
-    with open(tmp, "w") as handle:
-        yaml.safe_dump(config_to_dict(config), handle, sort_keys=False)
-    os.replace(tmp, path)
+    from ltnet_keras.records import atomic_write_text
+    atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

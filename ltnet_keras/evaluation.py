@@ -6,9 +6,6 @@ Dice of each structure. Dice values in the dictionaries are fractions in [0, 1];
 printed tables are in percent. Numpy only (no TensorFlow).
 """
 import csv
-import io as _stringio
-import os
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +14,7 @@ from typing import Dict, List, Mapping, Sequence
 import numpy as np
 
 from ltnet_keras.data.errors import VolumeError
+from ltnet_keras.records import atomic_write_text, csv_text
 
 LEVELS = ("structure", "label")
 LABEL_FILE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".npz")
@@ -183,29 +181,6 @@ def format_structure_table(results: Mapping[str, Sequence[SubjectScores]]) -> st
 
 # ----------------------------------------------------------------------------- CSV files
 
-def _atomic_write_text(path, text):
-    """Write through a temporary file in the same folder so readers never see half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="") as out:
-            out.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
-def _csv_text(header, rows) -> str:
-    buffer = _stringio.StringIO()
-    writer = csv.writer(buffer)
-    writer.writerow(header)
-    writer.writerows(rows)
-    return buffer.getvalue()
-
-
 def _number(value) -> str:
     return "nan" if np.isnan(value) else f"{value:.6f}"
 
@@ -224,7 +199,7 @@ def write_scores_csv(scores_list: Sequence[SubjectScores], path):
             + [_number(s.structures.get(name, np.nan)) for name in structures]
             + [_number(s.labels.get(i, np.nan)) for i in label_ids]
             for s in scores_list]
-    _atomic_write_text(path, _csv_text(header, rows))
+    atomic_write_text(path, csv_text(header, rows))
 
 
 def read_scores_csv(path) -> List[SubjectScores]:
@@ -250,7 +225,7 @@ def write_summary_csv(rows: Mapping[str, Mapping[str, float]], path, level="stru
     _check_level(level)
     body = [[name, level, s.get("n", ""), *(f"{s[key]:.4f}" for key in ("mean", "std", "min", "max"))]
             for name, s in rows.items()]
-    _atomic_write_text(path, _csv_text(["method", "level", "n", "mean", "std", "min", "max"], body))
+    atomic_write_text(path, csv_text(["method", "level", "n", "mean", "std", "min", "max"], body))
 
 
 # ----------------------------------------------------------------------------- folders

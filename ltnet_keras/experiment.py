@@ -3,9 +3,8 @@
 Results land in the run directory next to the config and environment record that made them:
 ``scores_<method>.csv`` (per subject), ``summary.csv`` and ``results.md`` (Tables 1-5 format).
 """
-import json
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from tqdm import tqdm
 
@@ -14,6 +13,7 @@ from ltnet_keras.config import SEGMENT_INTERPOLATIONS, ExperimentConfig
 from ltnet_keras.data.dataset import subject_files
 from ltnet_keras.data.io import load_label_map
 from ltnet_keras.data.labels import LabelTable
+from ltnet_keras.records import atomic_write_text
 
 
 def no_registration_scores(config: ExperimentConfig, atlas: str, subjects: List[str],
@@ -70,7 +70,7 @@ def report(run_dir, results: Dict[str, List[evaluation.SubjectScores]], title: s
         "Mean Dice (%) over merged left/right structures per subject; mean (std), min, max over "
         "subjects.", "", "```", evaluation.format_summary_table(summaries), "```", "",
         "Per structure:", "", "```", evaluation.format_structure_table(results), "```", ""])
-    (run_dir / "results.md").write_text(text)
+    atomic_write_text(run_dir / "results.md", text)
     return text
 
 

@@ -12,14 +12,14 @@ import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
-import numpy as np
 import tensorflow as tf
 
 from ltnet_keras.config import ExperimentConfig, config_to_dict, save_config
 from ltnet_keras.data.dataset import TrainingData, load_training_data, training_dataset
 from ltnet_keras.models.ltnet import LTNet
+from ltnet_keras.records import atomic_write_text, package_versions
 
 FORWARD_WEIGHTS = "forward_generator.h5"
 
@@ -51,23 +51,13 @@ def split_cpu(n: int) -> None:
 
 
 def environment_record(config: ExperimentConfig, strategy) -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-    packages = {}
-    for name in ("tensorflow", "tf-keras", "voxelmorph", "neurite", "numpy", "nibabel", "scipy"):
-        try:
-            packages[name] = version(name)
-        except PackageNotFoundError:
-            packages[name] = None
-    from ltnet_keras import __version__
-    return {"ltnet_keras": __version__, "python": platform.python_version(),
-            "platform": platform.platform(), "packages": packages, "seed": config.train.seed,
-            "devices": [d for d in strategy.extended.worker_devices]}
+    return {"packages": package_versions(), "platform": platform.platform(),
+            "seed": config.train.seed, "devices": list(strategy.extended.worker_devices),
+            "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
 
 
 def _write_json(path: Path, values: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(values, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(values, indent=2))
 
 
 def build_model(config: ExperimentConfig, inshape) -> LTNet:

@@ -1,5 +1,4 @@
 """Shared fixtures. Importing ltnet_keras first sets TF_USE_LEGACY_KERAS before TensorFlow loads."""
-import os
 from pathlib import Path
 
 import ltnet_keras  # noqa: F401  (environment set-up must precede any TensorFlow import)

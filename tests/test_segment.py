@@ -1,5 +1,4 @@
 """Segmentation: the label warp of Eq. (2), the image warp, and Segmenter / `ltnet segment`."""
-import shutil
 
 import ltnet_keras  # noqa: F401  (must precede TensorFlow)
 

@@ -1,0 +1,47 @@
+"""Writing result records: atomic text files, CSV text, and the versions behind a result."""
+import csv
+import io
+import os
+import platform
+import tempfile
+from pathlib import Path
+from typing import Dict, Optional
+
+RECORDED_PACKAGES = ("ltnet-keras", "tensorflow", "tf-keras", "voxelmorph", "neurite", "numpy",
+                     "scipy", "nibabel", "matplotlib")
+
+
+def atomic_write_text(path, text: str) -> Path:
+    """Write through a temporary file in the same folder so readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", newline="") as out:
+            out.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        raise
+    return path
+
+
+def csv_text(header, rows) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def package_versions() -> Dict[str, Optional[str]]:
+    """Python and the installed versions of the packages a result depends on."""
+    from importlib.metadata import PackageNotFoundError, version
+    versions: Dict[str, Optional[str]] = {"python": platform.python_version()}
+    for name in RECORDED_PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return versions
