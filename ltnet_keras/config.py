@@ -94,6 +94,10 @@ class TrainConfig:
     seed: int = 0
     devices: int = 0            # 0 = every visible device
     jit_compile: bool = False
+    # Not in the paper (0 = the paper): the terms beyond VoxelMorph's (GAN and the cycle terms)
+    # ramp linearly from 0 to their Eq. (11) weight over this many steps. All of them are
+    # minimal at zero fields, and from a zero-field start they hold G_F there (see README).
+    ramp_steps: int = 0
 
 
 @dataclass
@@ -188,6 +192,8 @@ def validate(config: ExperimentConfig) -> None:
         if size % 16:
             raise ValueError(f"network grid {config.data.network_shape} (crop_shape / factor) must "
                              "be divisible by 16: the U-Net halves it four times")
+    if config.train.ramp_steps < 0:
+        raise ValueError(f"train.ramp_steps must be >= 0, got {config.train.ramp_steps}")
     if config.train.steps < 0 or config.train.checkpoint_every < 1:
         raise ValueError("train.steps must be >= 0 and train.checkpoint_every >= 1")
 

@@ -143,6 +143,20 @@ class Segmentation:
         return grid + self.forward_field + self.atlas_offset
 
 
+def _recorded_atlas(record: dict, data) -> tuple:
+    """The run's atlas files: as recorded, else the same subject under the data root
+    (``$LTNET_DATA``), so a run directory keeps working when moved to another machine."""
+    if Path(record["image"]).exists() and Path(record["labels"]).exists():
+        return record["image"], record["labels"]
+    from ltnet_keras.data.io import find_subjects
+    root = data.resolved_root()
+    found = find_subjects(root).get(record["atlas"]) if root.is_dir() else None
+    if found is None or found.label is None:
+        raise VolumeError(record["image"], f"atlas {record['atlas']} not found here nor under "
+                          f"{root}; pass --atlas-image and --atlas-labels")
+    return str(found.image), str(found.label)
+
+
 class Segmenter:
     """Loads a run's G_F and atlas once, then segments scans one after another."""
 
@@ -162,9 +176,11 @@ class Segmenter:
         self.label_interp = label_interp or self.config.segment.label_interp
         _check_method(self.label_interp)
         self.table = LabelTable.from_ids(record["label_ids"])
-        atlas_image = atlas_image or record["image"]
-        atlas_labels = atlas_labels or record["labels"]
         data = self.config.data
+        if not (atlas_image and atlas_labels):
+            recorded_image, recorded_labels = _recorded_atlas(record, data)
+            atlas_image = atlas_image or recorded_image
+            atlas_labels = atlas_labels or recorded_labels
         self.atlas: PreparedSubject = prepare_subject(
             atlas_image, atlas_labels, data.crop_shape, data.factor, self.table,
             subject=record["atlas"])

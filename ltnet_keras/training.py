@@ -62,7 +62,7 @@ def _write_json(path: Path, values: dict) -> None:
 
 def build_model(config: ExperimentConfig, inshape) -> LTNet:
     """LT-Net with its two Adam optimisers (constant learning rate, Sec. 5)."""
-    model = LTNet(inshape, config.network, config.weights)
+    model = LTNet(inshape, config.network, config.weights, config.train.ramp_steps)
     lr = config.train.learning_rate
     model.compile(tf.keras.optimizers.Adam(lr),
                   tf.keras.optimizers.Adam(lr) if model.discriminator is not None else None,

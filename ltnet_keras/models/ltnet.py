@@ -24,6 +24,10 @@ def _guard_non_finite(gradients, loss):
     return safe, tf.where(finite, loss, tf.fill(tf.shape(loss), float("nan")))
 
 
+# VoxelMorph's own terms are never ramped (``train.ramp_steps``).
+UNRAMPED_TERMS = ("sim", "smooth")
+
+
 class LTNet(tf.keras.Model):
     """G_F, G_B and D with a custom ``train_step`` alternating a G and a D update.
 
@@ -32,8 +36,10 @@ class LTNet(tf.keras.Model):
     model on ``[atlas, target]`` returns the forward field ``(b, x, y, z, 3)``.
     """
 
-    def __init__(self, inshape, network: NetworkConfig, weights: LossWeights, name="ltnet"):
+    def __init__(self, inshape, network: NetworkConfig, weights: LossWeights, ramp_steps: int = 0,
+                 name="ltnet"):
         super().__init__(name=name)
+        self.ramp_steps = int(ramp_steps)
         self.inshape = tuple(int(s) for s in inshape)
         self.term_weights: Dict[str, float] = {k: v for k, v in weights.terms().items() if v > 0}
         self.ncc_window = weights.ncc_window
@@ -120,6 +126,15 @@ class LTNet(tf.keras.Model):
                 atlas_labels, cycle["warped_atlas_labels"], cycle["reconstructed_atlas_labels"])
         return terms
 
+    def current_weights(self):
+        """Eq. (11) weights, with the non-VoxelMorph terms scaled by the ramp (if any)."""
+        if not self.ramp_steps:
+            return self.term_weights
+        step = tf.cast(self.generator_optimizer.iterations, tf.float32)
+        scale = tf.minimum(1.0, step / float(self.ramp_steps))
+        return {name: weight if name in UNRAMPED_TERMS else weight * scale
+                for name, weight in self.term_weights.items()}
+
     def _replica_mean(self, per_example):
         """Mean over the global batch, so summing gradients over replicas gives the mean."""
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
@@ -140,7 +155,7 @@ class LTNet(tf.keras.Model):
         with tf.GradientTape() as tape:
             cycle = self.correspondence_cycle(atlas, atlas_labels, target, training=True)
             terms = self.generator_terms(cycle, atlas, atlas_labels, target)
-            total = losses.total_generator_loss(terms, self.term_weights)
+            total = losses.total_generator_loss(terms, self.current_weights())
             generator_loss = self._replica_mean(total)
         variables = self.generator_variables
         gradients, total = _guard_non_finite(tape.gradient(generator_loss, variables), total)

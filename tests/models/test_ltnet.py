@@ -164,3 +164,24 @@ def test_two_replica_step_equals_one_device_step():
     assert set(one) == set(EQ11_TERMS) | {"total", "discriminator"}
     for name in one:
         assert two[name] == pytest.approx(one[name], rel=1e-4, abs=1e-6), (name, one, two)
+
+
+@pytest.mark.parametrize("ramp_steps, step, expected_scale", [
+    (0, 0, 1.0),      # the paper: full Eq. (11) weights from the first step
+    (100, 0, 0.0),    # ramp: starts as VoxelMorph (only sim and smooth)
+    (100, 25, 0.25),
+    (100, 100, 1.0),
+    (100, 400, 1.0),
+])
+def test_ramp_scales_only_the_non_voxelmorph_terms(ramp_steps, step, expected_scale):
+    import dataclasses
+    config = apply_preset(ExperimentConfig(), "ltnet")
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train,
+                                                                   ramp_steps=ramp_steps))
+    model = build_model(config, (32, 32, 32))
+    model.generator_optimizer.iterations.assign(step)
+    weights = {k: float(v) for k, v in model.current_weights().items()}
+    full = config.weights.terms()
+    for name in EQ11_TERMS:
+        scale = 1.0 if name in ("sim", "smooth") else expected_scale
+        assert weights[name] == pytest.approx(full[name] * scale), name
