@@ -1,4 +1,4 @@
-# `make demo`: set up .venv if missing, then train LT-Net briefly on LPBA40 and evaluate it.
+# `make demo`: set up .venv if missing, then train VoxelMorph and LT-Net briefly on LPBA40, evaluate both.
 # `make test`: set up .venv if missing, then run the test suite (what CI runs).
 PYTHON ?= python3
 VENV := .venv
@@ -18,7 +18,7 @@ $(STAMP): requirements.txt setup.py
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python experiments/demo.py --config experiments/configs/demo.yaml --out runs/demo
+	$(BIN)/python experiments/demo.py --config experiments/configs/demo_voxelmorph.yaml experiments/configs/demo.yaml --out runs/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests

@@ -75,8 +75,10 @@ def report(run_dir, results: Dict[str, List[evaluation.SubjectScores]], title: s
 
 
 def run_experiment(config: ExperimentConfig, run_dir, verbose: int = 1,
-                   label_interps=SEGMENT_INTERPOLATIONS, baseline: bool = True) -> str:
-    """Train (or resume) ``config`` in ``run_dir``, then evaluate it on ``val_subjects``."""
+                   label_interps=SEGMENT_INTERPOLATIONS, baseline: bool = True
+                   ) -> Dict[str, List[evaluation.SubjectScores]]:
+    """Train (or resume) ``config`` in ``run_dir``, evaluate it on ``val_subjects`` and write
+    the report; returns the scores of each method."""
     from ltnet_keras.training import train
     result = train(config, run_dir, verbose=verbose)
     atlas = result.data.atlas.subject
@@ -89,4 +91,5 @@ def run_experiment(config: ExperimentConfig, run_dir, verbose: int = 1,
                                                                  interp)
     title = (f"{config.name}: preset {config.preset}, {result.steps_done} steps, atlas {atlas}, "
              f"network grid {config.data.network_shape}")
-    return report(run_dir, results, title)
+    report(run_dir, results, title)
+    return results

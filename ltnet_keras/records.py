@@ -19,6 +19,10 @@ def atomic_write_text(path, text: str) -> Path:
     try:
         with os.fdopen(handle, "w", newline="") as out:
             out.write(text)
+        # mkstemp creates 0600 files; give results the usual permissions under the umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
