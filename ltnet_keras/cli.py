@@ -3,8 +3,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ltnet_keras.config import (PRESETS, SEGMENT_INTERPOLATIONS, DataConfig, config_from_dict,
-                                default_data_root, load_config)
+from ltnet_keras.config import (PRESETS, SEGMENT_INTERPOLATIONS, DataConfig, apply_overrides,
+                                config_from_dict, default_data_root, load_config)
 from ltnet_keras.data.errors import VolumeError
 
 
@@ -20,14 +20,7 @@ def _config_with_overrides(args):
         overrides["train.seed"] = args.seed
     if args.config:
         return load_config(args.config, overrides)
-    values = {}
-    for dotted, value in overrides.items():
-        node = values
-        *parents, leaf = dotted.split(".")
-        for key in parents:
-            node = node.setdefault(key, {})
-        node[leaf] = value
-    return config_from_dict(values)
+    return config_from_dict(apply_overrides({}, overrides))
 
 
 def cmd_prepare(args):

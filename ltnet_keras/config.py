@@ -202,6 +202,11 @@ def load_config(path, overrides: Optional[dict] = None) -> ExperimentConfig:
     """Read a YAML config; ``overrides`` (dotted keys, e.g. ``{"train.steps": 40}``) win."""
     with open(path) as handle:
         values = yaml.safe_load(handle) or {}
+    return config_from_dict(apply_overrides(values, overrides), where=str(path))
+
+
+def apply_overrides(values: dict, overrides: Optional[dict]) -> dict:
+    """Set dotted keys (``"train.steps"``) in a config dict; a new preset drops old weights."""
     for dotted, value in (overrides or {}).items():
         node = values
         *parents, leaf = dotted.split(".")
@@ -210,7 +215,7 @@ def load_config(path, overrides: Optional[dict] = None) -> ExperimentConfig:
         node[leaf] = value
         if dotted == "preset":
             values.pop("weights", None)
-    return config_from_dict(values, where=str(path))
+    return values
 
 
 def config_to_dict(config: ExperimentConfig) -> dict:
