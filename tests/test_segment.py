@@ -5,6 +5,7 @@ import ltnet_keras  # noqa: F401  (must precede TensorFlow)
 import nibabel as nib
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from ltnet_keras import cli
 from ltnet_keras.segment import warp_image, warp_label_map
@@ -172,3 +173,19 @@ def test_segment_missing_image_is_exit_code_2(trained_run, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2
     assert str(image) in err
+
+
+@pytest.mark.parametrize("original_shape, crop_start, crop_shape, factor", [
+    ((20, 24, 18), (2, -3, 1), (16, 32, 16), 4),   # crop partly outside the volume (padding)
+    ((16, 16, 16), (0, 0, 0), (16, 16, 16), 2),
+    ((12, 10, 14), (1, 1, 1), (8, 8, 8), 1),
+])
+def test_tf_field_upsampling_matches_gridspec(original_shape, crop_start, crop_shape, factor):
+    """segment.field_to_grid (TF, in the XLA graph) is GridSpec.field_to_original (numpy)."""
+    from ltnet_keras.data.preprocess import GridSpec
+    from ltnet_keras.segment import field_to_grid
+    grid = GridSpec(original_shape, crop_start, crop_shape, factor)
+    field = np.random.default_rng(1).normal(size=grid.network_shape + (3,)).astype(np.float32)
+    expected = grid.field_to_original(field)
+    got = field_to_grid(tf.constant(field), original_shape, tf.constant(crop_start), factor)
+    np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
