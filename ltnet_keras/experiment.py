@@ -28,18 +28,18 @@ def no_registration_scores(config: ExperimentConfig, atlas: str, subjects: List[
     from ltnet_keras.data.preprocess import GridSpec, normalise_intensity
     table = LabelTable.from_tsv(config.data.resolved_labels_tsv())
     atlas_files, = subject_files(config.data, [atlas])
-    atlas_labels = load_label_map(atlas_files.label).array
-    to_grid = lambda labels: labels  # noqa: E731
+    grid = None
     if on_network_grid:
         grid = GridSpec.centred_on(normalise_intensity(load_image(atlas_files.image).array),
                                    config.data.crop_shape, config.data.factor)
-        to_grid = lambda labels: grid.to_network(labels, "label")  # noqa: E731
-    scores = []
-    for files in subject_files(config.data, subjects):
-        truth = load_label_map(files.label).array
-        scores.append(evaluation.evaluate_pair(to_grid(atlas_labels), to_grid(truth), table,
-                                               files.id))
-    return scores
+
+    def labels_of(files):
+        labels = load_label_map(files.label).array
+        return labels if grid is None else grid.to_network(labels, "label")
+
+    atlas_labels = labels_of(atlas_files)
+    return [evaluation.evaluate_pair(atlas_labels, labels_of(files), table, files.id)
+            for files in subject_files(config.data, subjects)]
 
 
 def segment_and_score(run_dir, config: ExperimentConfig, subjects: List[str],

@@ -13,9 +13,9 @@ from typing import Dict, Optional
 import numpy as np
 
 from ltnet_keras.config import SEGMENT_INTERPOLATIONS, load_config
-from ltnet_keras.data.dataset import PreparedSubject, prepare_subject
+from ltnet_keras.data.dataset import PreparedSubject, prepare_subject, prepare_volumes
 from ltnet_keras.data.errors import VolumeError
-from ltnet_keras.data.io import load_image, load_label_map, save_volume, subject_id
+from ltnet_keras.data.io import load_subject, save_volume, subject_id
 from ltnet_keras.data.labels import LabelTable
 
 
@@ -181,11 +181,11 @@ class Segmenter:
             recorded_image, recorded_labels = _recorded_atlas(record, data)
             atlas_image = atlas_image or recorded_image
             atlas_labels = atlas_labels or recorded_labels
-        self.atlas: PreparedSubject = prepare_subject(
-            atlas_image, atlas_labels, data.crop_shape, data.factor, self.table,
-            subject=record["atlas"])
-        self.atlas_image = load_image(atlas_image).array
-        self.atlas_labels = load_label_map(atlas_labels).array
+        atlas_volume, atlas_label_volume = load_subject(atlas_image, atlas_labels, self.table)
+        self.atlas: PreparedSubject = prepare_volumes(
+            atlas_volume, atlas_label_volume, data.crop_shape, data.factor, record["atlas"])
+        self.atlas_image = atlas_volume.array
+        self.atlas_labels = atlas_label_volume.array
         self.generator = make_generator(self.atlas.image.shape, self.config.network,
                                         "forward_generator")
         self.generator.load_weights(str(run_dir / FORWARD_WEIGHTS))

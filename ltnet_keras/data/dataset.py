@@ -12,7 +12,8 @@ import numpy as np
 
 from ltnet_keras.config import DataConfig
 from ltnet_keras.data.errors import VolumeError
-from ltnet_keras.data.io import SubjectFiles, find_subjects, load_subject, save_volume
+from ltnet_keras.data.io import (SubjectFiles, Volume, find_subjects, load_subject,
+                                 save_volume, subject_id)
 from ltnet_keras.data.labels import LabelTable
 from ltnet_keras.data.preprocess import GridSpec, normalise_intensity
 
@@ -34,14 +35,20 @@ def prepare_subject(image_path, label_path=None, crop_shape=(160, 192, 160), fac
                     table: Optional[LabelTable] = None, subject: str = "") -> PreparedSubject:
     """Load, check, normalise to [0, 1], crop around the brain and down-sample one scan."""
     image, labels = load_subject(image_path, label_path, table)
+    return prepare_volumes(image, labels, crop_shape, factor, subject)
+
+
+def prepare_volumes(image: Volume, labels: Optional[Volume], crop_shape, factor,
+                    subject: str = "") -> PreparedSubject:
+    """:func:`prepare_subject` for volumes already loaded (and checked) by ``data.io``."""
     normalised = normalise_intensity(image.array)
     grid = GridSpec.centred_on(normalised, crop_shape, factor)
     return PreparedSubject(
-        subject=subject or Path(image_path).name.split(".")[0],
+        subject=subject or subject_id(image.path),
         image=grid.to_network(normalised, "image"),
         labels=None if labels is None else grid.to_network(labels.array, "label"),
-        grid=grid, affine=image.affine, image_path=str(image_path),
-        label_path=None if label_path is None else str(label_path), header=image.header)
+        grid=grid, affine=image.affine, image_path=image.path,
+        label_path=None if labels is None else labels.path, header=image.header)
 
 
 def subject_files(config: DataConfig, subjects: Sequence[str]) -> List[SubjectFiles]:
