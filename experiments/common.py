@@ -146,8 +146,9 @@ def parse_set(items: Sequence[str]) -> dict:
     return overrides
 
 
-def build_parser(table: str, description: str) -> argparse.ArgumentParser:
-    """The arguments every table script shares."""
+def build_parser(table: str, description: str, reuse_runs: bool = False
+                 ) -> argparse.ArgumentParser:
+    """The arguments every table script shares; ``reuse_runs`` adds ``--runs ROW=RUN_DIR``."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / table,
@@ -164,6 +165,9 @@ def build_parser(table: str, description: str) -> argparse.ArgumentParser:
                         help="tiny grid, 2 training subjects, 1 held-out, 10 steps: checks the "
                              "pipeline end to end, produces no meaningful numbers")
     parser.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity (0, 1, 2)")
+    if reuse_runs:
+        parser.add_argument("--runs", nargs="+", metavar="ROW=RUN_DIR", default=[],
+                            help="reuse finished runs instead of training these rows")
     return parser
 
 

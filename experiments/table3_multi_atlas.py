@@ -28,9 +28,7 @@ NOTE = ("Not MABMIS: majority-vote multi-atlas segmentation with the trained LT-
 
 
 def main(argv=None):
-    parser = build_parser(TABLE, __doc__)
-    parser.add_argument("--runs", nargs="+", metavar="ltnet=RUN_DIR", default=[],
-                        help="reuse a finished LT-Net run instead of training one")
+    parser = build_parser(TABLE, __doc__, reuse_runs=True)
     parser.add_argument("--atlases", nargs="+", type=int, default=[1, 2, 3, 4, 5],
                         help="numbers of atlases k to fuse (default 1 2 3 4 5)")
     args = parser.parse_args(argv)

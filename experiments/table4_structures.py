@@ -21,9 +21,7 @@ NOTE = ("DataAug and the fully supervised U-Net columns of the paper's Table 4 a
 
 
 def main(argv=None):
-    parser = build_parser(TABLE, __doc__)
-    parser.add_argument("--runs", nargs="+", metavar="ROW=RUN_DIR", default=[],
-                        help="reuse finished runs instead of training these rows")
+    parser = build_parser(TABLE, __doc__, reuse_runs=True)
     args = parser.parse_args(argv)
     overrides = overrides_from_args(args)
     configs, run_dirs, scores, baseline = collect_rows(

@@ -21,9 +21,7 @@ NOT_REPRODUCED = ("DataAug and the fully supervised U-Net (upper bound) are NOT 
 
 
 def main(argv=None):
-    parser = build_parser(TABLE, __doc__)
-    parser.add_argument("--runs", nargs="+", metavar="ROW=RUN_DIR", default=[],
-                        help="reuse finished runs instead of training these rows")
+    parser = build_parser(TABLE, __doc__, reuse_runs=True)
     args = parser.parse_args(argv)
     runs = parse_runs(args.runs, TABLE)
     extra = [Row("DataAug", None, "DataAug", "not reproduced"),
