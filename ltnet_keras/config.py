@@ -86,6 +86,24 @@ class LossWeights:
 
 
 @dataclass
+class PenaltyConfig:
+    """Shapes of the robust penalties of Eq. (7), (8) and (10); the defaults are the paper's.
+
+    ``cyc_eps = 0`` keeps Eq. (7)'s L1; ``cyc_eps > 0`` replaces it by the Charbonnier
+    ``(x^2 + eps^2)^cyc_gamma``. Eq. (8) and (10) use ``rho(x) = (x^2 + eps^2)^gamma`` with
+    ``eps = 0.001, gamma = 0.45``: L1-like, so its gradient does not vanish at the optimum.
+    A larger eps (in voxels for Eq. (8), in label probability for Eq. (10)) makes rho quadratic
+    near 0, so a nearly consistent cycle stops pulling the fields toward the identity.
+    """
+    cyc_eps: float = 0.0
+    cyc_gamma: float = 0.5
+    trans_eps: float = 0.001
+    trans_gamma: float = 0.45
+    diff_eps: float = 0.001
+    diff_gamma: float = 0.45
+
+
+@dataclass
 class TrainConfig:
     steps: int = 2000
     learning_rate: float = 2e-4
@@ -98,6 +116,24 @@ class TrainConfig:
     # ramp linearly from 0 to their Eq. (11) weight over this many steps. All of them are
     # minimal at zero fields, and from a zero-field start they hold G_F there (see README).
     ramp_steps: int = 0
+    # --- not in the paper; the defaults are the paper's training (Sec. 5) ---
+    # D's own learning rate (0 = the generators' learning_rate).
+    discriminator_learning_rate: float = 0.0
+    # D's weights move on every k-th step only (learning rate 0 in between).
+    discriminator_every: int = 1
+    # Std of Gaussian noise added to every image D sees (real and warped atlas alike).
+    instance_noise: float = 0.0
+    # One-sided label smoothing: D's target for real scans is 1 - label_smoothing.
+    label_smoothing: float = 0.0
+    # A finished run directory whose forward_generator.h5 starts G_F (same grid and network).
+    init_from: str = ""
+    # G_F receives no gradient for the first N steps (G_B, D learn around a fixed G_F).
+    freeze_forward_steps: int = 0
+    # For the first N steps the cycle terms (Eq. 6 backward part, 7-10) update G_B only.
+    cycle_backward_only_steps: int = 0
+    # Every log_every steps: each active term's gradient norm w.r.t. the forward field on a
+    # fixed training pair (history.csv, TensorBoard columns grad_<term>).
+    log_grad_norms: bool = False
 
 
 @dataclass
@@ -113,6 +149,7 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     network: NetworkConfig = field(default_factory=NetworkConfig)
     weights: LossWeights = field(default_factory=LossWeights)
+    penalties: PenaltyConfig = field(default_factory=PenaltyConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     segment: SegmentConfig = field(default_factory=SegmentConfig)
 
@@ -196,6 +233,21 @@ def validate(config: ExperimentConfig) -> None:
         raise ValueError(f"train.ramp_steps must be >= 0, got {config.train.ramp_steps}")
     if config.train.steps < 0 or config.train.checkpoint_every < 1:
         raise ValueError("train.steps must be >= 0 and train.checkpoint_every >= 1")
+    train = config.train
+    for name in ("freeze_forward_steps", "cycle_backward_only_steps",
+                 "discriminator_learning_rate", "instance_noise"):
+        if getattr(train, name) < 0:
+            raise ValueError(f"train.{name} must be >= 0, got {getattr(train, name)}")
+    if train.discriminator_every < 1:
+        raise ValueError(f"train.discriminator_every must be >= 1, got {train.discriminator_every}")
+    if not 0.0 <= train.label_smoothing < 1.0:
+        raise ValueError(f"train.label_smoothing must be in [0, 1), got {train.label_smoothing}")
+    for name, value in dataclasses.asdict(config.penalties).items():
+        if value < 0 or (name.endswith("gamma") and not 0.0 < value <= 1.0):
+            raise ValueError(f"penalties.{name} = {value}: eps must be >= 0 and gamma in (0, 1]")
+    if config.penalties.trans_eps == 0 or config.penalties.diff_eps == 0:
+        # rho(x) = |x|^(2 gamma) has no finite gradient at 0 for gamma < 0.5.
+        raise ValueError("penalties.trans_eps and penalties.diff_eps must be > 0")
 
 
 def load_config(path, overrides: Optional[dict] = None) -> ExperimentConfig:

@@ -1,4 +1,5 @@
-"""Segmentation accuracy as the paper reports it: Dice per label and per merged structure.
+"""Segmentation accuracy as the paper reports it: Dice per label and per merged structure,
+and the regularity of the forward field that produced it (folding, spread of log|J|).
 
 The paper's Tables 1-3 and 5 give, for each method, the mean (std), min and max over test
 subjects of each subject's mean Dice over the merged (left/right) structures; Table 4 gives the
@@ -84,12 +85,47 @@ def _nanmean(values) -> float:
     return float(finite.mean()) if finite.size else float("nan")
 
 
+# ----------------------------------------------------------------------------- folding
+
+#: Field-regularity columns, in the order CSVs and summaries give them.
+DEFORMATION_METRICS = ("folding_percent", "log_jacobian_std")
+
+
+def jacobian_determinant(forward_field) -> np.ndarray:
+    """``det(I + grad u)`` at every voxel of a displacement field ``(x, y, z, 3)`` in voxels.
+
+    Derivatives are central differences (second-order one-sided at the borders, so a quadratic
+    field is differentiated exactly everywhere). ``det <= 0`` marks a voxel where the map
+    ``t -> t + u(t)`` folds (is not locally invertible).
+    """
+    forward_field = np.asarray(forward_field, dtype=np.float64)
+    if forward_field.ndim != 4 or forward_field.shape[-1] != 3:
+        raise ValueError(f"a displacement field must be (x, y, z, 3); got {forward_field.shape}")
+    if min(forward_field.shape[:3]) < 3:
+        raise ValueError(f"field {forward_field.shape[:3]} too small for differences")
+    # jacobian[..., i, j] = d u_i / d x_j
+    jacobian = np.stack([np.stack(np.gradient(forward_field[..., i], edge_order=2), axis=-1)
+                         for i in range(3)], axis=-2)
+    return np.linalg.det(jacobian + np.eye(3))
+
+
+def folding_stats(forward_field) -> Dict[str, float]:
+    """``folding_percent``: % of voxels with ``det J <= 0``; ``log_jacobian_std``: std over
+    voxels of ``log |det J|`` (|det J| floored at 1e-9), 0 for a locally volume-preserving map."""
+    determinant = jacobian_determinant(forward_field)
+    log_abs = np.log(np.maximum(np.abs(determinant), 1e-9))
+    return {"folding_percent": float(100.0 * np.mean(determinant <= 0.0)),
+            "log_jacobian_std": float(np.std(log_abs))}
+
+
 @dataclass
 class SubjectScores:
-    """Dice of one subject: per label id and per merged structure (fractions)."""
+    """Dice of one subject: per label id and per merged structure (fractions); optionally the
+    regularity of its forward field (``deformation``: :data:`DEFORMATION_METRICS`)."""
     subject: str
     labels: Dict[int, float] = field(default_factory=dict)
     structures: Dict[str, float] = field(default_factory=dict)
+    deformation: Dict[str, float] = field(default_factory=dict)
 
     @property
     def mean_label(self) -> float:
@@ -134,8 +170,13 @@ def summarise(scores_list: Sequence[SubjectScores], level="structure") -> Dict[s
     means = means[~np.isnan(means)]
     if means.size == 0:
         raise ValueError("no subject with a defined Dice to summarise")
-    return {"mean": float(means.mean()), "std": float(means.std(ddof=0)),
-            "min": float(means.min()), "max": float(means.max()), "n": int(means.size)}
+    summary = {"mean": float(means.mean()), "std": float(means.std(ddof=0)),
+               "min": float(means.min()), "max": float(means.max()), "n": int(means.size)}
+    for metric in DEFORMATION_METRICS:
+        values = [s.deformation[metric] for s in scores_list if metric in s.deformation]
+        if values:
+            summary[metric] = float(np.mean(values))
+    return summary
 
 
 def structure_summary(scores_list: Sequence[SubjectScores]) -> Dict[str, Dict[str, float]]:
@@ -153,10 +194,17 @@ def structure_summary(scores_list: Sequence[SubjectScores]) -> Dict[str, Dict[st
 def format_summary_table(rows: Mapping[str, Mapping[str, float]]) -> str:
     """Paper-style table (Tables 1-3, 5): one line per method, ``Mean (std)  Min  Max`` in percent."""
     width = max([len("Method")] + [len(name) for name in rows])
-    lines = [f"{'Method':<{width}}  {'Mean (std)':>12}  {'Min':>5}  {'Max':>5}"]
+    # Folding columns only when some row has them (methods with a forward field).
+    folding = any("folding_percent" in s for s in rows.values())
+    header = f"{'Method':<{width}}  {'Mean (std)':>12}  {'Min':>5}  {'Max':>5}"
+    lines = [header + (f"  {'Fold %':>7}  {'sd log|J|':>9}" if folding else "")]
     for name, s in rows.items():
         mean_std = f"{s['mean']:.1f} ({s['std']:.1f})"
-        lines.append(f"{name:<{width}}  {mean_std:>12}  {s['min']:>5.1f}  {s['max']:>5.1f}")
+        line = f"{name:<{width}}  {mean_std:>12}  {s['min']:>5.1f}  {s['max']:>5.1f}"
+        if folding:
+            line += (f"  {s['folding_percent']:>7.3f}  {s['log_jacobian_std']:>9.3f}"
+                     if "folding_percent" in s else f"  {'-':>7}  {'-':>9}")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -193,9 +241,11 @@ def write_scores_csv(scores_list: Sequence[SubjectScores], path):
     for s in scores_list:
         structures += [name for name in s.structures if name not in structures]
         label_ids += [i for i in s.labels if i not in label_ids]
-    header = (["subject", "mean_label", "mean_structure"] + structures
+    deformation = [m for m in DEFORMATION_METRICS if any(m in s.deformation for s in scores_list)]
+    header = (["subject", "mean_label", "mean_structure"] + deformation + structures
               + [f"label_{i}" for i in label_ids])
     rows = [[s.subject, _number(s.mean_label), _number(s.mean_structure)]
+            + [_number(s.deformation.get(m, np.nan)) for m in deformation]
             + [_number(s.structures.get(name, np.nan)) for name in structures]
             + [_number(s.labels.get(i, np.nan)) for i in label_ids]
             for s in scores_list]
@@ -208,24 +258,29 @@ def read_scores_csv(path) -> List[SubjectScores]:
         reader = csv.DictReader(handle)
         scores = []
         for row in reader:
-            labels, structures = {}, {}
+            labels, structures, deformation = {}, {}, {}
             for column, value in row.items():
                 if column in ("subject", "mean_label", "mean_structure"):
                     continue
-                if column.startswith("label_") and column[len("label_"):].isdigit():
+                if column in DEFORMATION_METRICS:
+                    deformation[column] = float(value)
+                elif column.startswith("label_") and column[len("label_"):].isdigit():
                     labels[int(column[len("label_"):])] = float(value)
                 else:
                     structures[column] = float(value)
-            scores.append(SubjectScores(row["subject"], labels, structures))
+            scores.append(SubjectScores(row["subject"], labels, structures, deformation))
     return scores
 
 
 def write_summary_csv(rows: Mapping[str, Mapping[str, float]], path, level="structure"):
-    """One row per method: ``method, level, n, mean, std, min, max`` (percent, std with ddof=0)."""
+    """One row per method: ``method, level, n, mean, std, min, max`` (percent, std with ddof=0),
+    then the subjects' mean ``folding_percent`` and ``log_jacobian_std`` where any row has them."""
     _check_level(level)
-    body = [[name, level, s.get("n", ""), *(f"{s[key]:.4f}" for key in ("mean", "std", "min", "max"))]
+    columns = ["mean", "std", "min", "max"] + [
+        m for m in DEFORMATION_METRICS if any(m in s for s in rows.values())]
+    body = [[name, level, s.get("n", ""), *(f"{s[key]:.4f}" if key in s else "" for key in columns)]
             for name, s in rows.items()]
-    atomic_write_text(path, csv_text(["method", "level", "n", "mean", "std", "min", "max"], body))
+    atomic_write_text(path, csv_text(["method", "level", "n"] + columns, body))
 
 
 # ----------------------------------------------------------------------------- folders

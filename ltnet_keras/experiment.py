@@ -44,7 +44,8 @@ def no_registration_scores(config: ExperimentConfig, atlas: str, subjects: List[
 
 def segment_and_score(run_dir, config: ExperimentConfig, subjects: List[str],
                       label_interp: str, out_dir=None) -> List[evaluation.SubjectScores]:
-    """Segment ``subjects`` with the run's G_F and score them against their manual labels."""
+    """Segment ``subjects`` with the run's G_F and score them against their manual labels;
+    each subject's scores carry the folding statistics of its network-grid forward field."""
     from ltnet_keras.segment import Segmenter
     table = LabelTable.from_tsv(config.data.resolved_labels_tsv())
     segmenter = Segmenter(run_dir, label_interp=label_interp)
@@ -53,7 +54,9 @@ def segment_and_score(run_dir, config: ExperimentConfig, subjects: List[str],
     for files in tqdm(subject_files(config.data, subjects), desc=f"segment ({label_interp})"):
         result = segmenter.segment_to_files(files.image, out_dir)
         truth = load_label_map(files.label).array
-        scores.append(evaluation.evaluate_pair(result.labels, truth, table, files.id))
+        subject_scores = evaluation.evaluate_pair(result.labels, truth, table, files.id)
+        subject_scores.deformation = evaluation.folding_stats(result.network_field)
+        scores.append(subject_scores)
     return scores
 
 

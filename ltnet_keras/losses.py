@@ -162,11 +162,11 @@ def smoothness_loss(field):
 # Eq. (4): adversarial loss (least-squares GAN)
 # --------------------------------------------------------------------------------------------
 
-def lsgan_discriminator_loss(real_scores, fake_scores):
+def lsgan_discriminator_loss(real_scores, fake_scores, real_target=1.0):
     """Discriminator side of L_GAN, Eq. (4), as a least-squares GAN (real -> 1, fake -> 0).
 
-    ``0.5 * (mean((D(u) - 1)^2) + mean(D(u_bar)^2))`` per example, means over the (PatchGAN)
-    score map. Eq. (4) as printed puts ``||D(u)||`` on real and ``||D(u_bar) - 1||`` on fake
+    ``0.5 * (mean((D(u) - real_target)^2) + mean(D(u_bar)^2))`` per example, means over the
+    (PatchGAN) score map; ``real_target < 1`` is one-sided label smoothing (not in the paper). Eq. (4) as printed puts ``||D(u)||`` on real and ``||D(u_bar) - 1||`` on fake
     images (the labels swapped) and uses norms; the text (D flags synthesised images, G tries to
     make ``u_bar`` pass as real) describes the standard LSGAN objective implemented here.
 
@@ -179,7 +179,7 @@ def lsgan_discriminator_loss(real_scores, fake_scores):
     """
     real_scores = _f32(real_scores)
     fake_scores = _f32(fake_scores)
-    return 0.5 * (_per_example_mean(tf.square(real_scores - 1.0))
+    return 0.5 * (_per_example_mean(tf.square(real_scores - real_target))
                   + _per_example_mean(tf.square(fake_scores)))
 
 
@@ -199,14 +199,20 @@ def lsgan_generator_loss(fake_scores):
 # Eq. (7): image cycle consistency
 # --------------------------------------------------------------------------------------------
 
-def image_cycle_loss(atlas, reconstructed_atlas):
+def image_cycle_loss(atlas, reconstructed_atlas, eps=0.0, gamma=0.5):
     """L_cyc, Eq. (7): mean absolute difference ``mean |l_bar - l|`` per example (L1, averaged
     over voxels and channels rather than summed).
+
+    ``eps > 0`` (not in the paper) replaces ``|x|`` by :func:`charbonnier` ``(x^2 + eps^2)^gamma``,
+    whose gradient vanishes at ``x = 0`` instead of staying at +-1.
 
     Returns:
         ``(batch,)``.
     """
-    return _per_example_mean(tf.abs(_f32(reconstructed_atlas) - _f32(atlas)))
+    difference = _f32(reconstructed_atlas) - _f32(atlas)
+    if eps == 0:
+        return _per_example_mean(tf.abs(difference))
+    return _per_example_mean(charbonnier(difference, eps=eps, gamma=gamma))
 
 
 # --------------------------------------------------------------------------------------------

@@ -134,6 +134,8 @@ class Segmentation:
     forward_field: np.ndarray
     atlas_offset: np.ndarray
     seconds: Dict[str, float] = field(default_factory=dict)
+    #: The field as G_F predicted it, ``(x, y, z, 3)`` in voxels of the network grid.
+    network_field: Optional[np.ndarray] = None
 
     @property
     def sampling_positions(self) -> np.ndarray:
@@ -234,7 +236,8 @@ class Segmenter:
         labels, forward_field = labels.numpy(), forward_field.numpy()
         seconds["network_and_warp"] = time.perf_counter() - clock
         return Segmentation(target.subject, labels.astype(self.atlas_labels.dtype),
-                            target.affine, target.header, forward_field, offset, seconds)
+                            target.affine, target.header, forward_field, offset, seconds,
+                            network_field=np.asarray(field_network))
 
     def segment_to_files(self, image_path, out_dir, save_warped_atlas=False,
                          save_field=False) -> Segmentation:

@@ -16,7 +16,7 @@ from typing import Optional
 
 import tensorflow as tf
 
-from ltnet_keras.config import ExperimentConfig, config_to_dict, save_config
+from ltnet_keras.config import ExperimentConfig, config_to_dict, load_config, save_config
 from ltnet_keras.data.dataset import TrainingData, load_training_data, training_dataset
 from ltnet_keras.models.ltnet import LTNet
 from ltnet_keras.records import atomic_write_text, package_versions
@@ -60,23 +60,98 @@ def _write_json(path: Path, values: dict) -> None:
     atomic_write_text(path, json.dumps(values, indent=2))
 
 
+class EveryNthStep(tf.keras.optimizers.schedules.LearningRateSchedule):
+    """``learning_rate`` on steps 0, n, 2n, ... of its optimiser and 0 in between.
+
+    Updates D once every ``n`` generator steps (``train.discriminator_every``). D's Adam moments
+    still see every step's gradient; only the parameter update is skipped.
+    """
+
+    def __init__(self, learning_rate: float, every: int):
+        self.learning_rate = float(learning_rate)
+        self.every = int(every)
+
+    def __call__(self, step):
+        on_step = tf.equal(tf.math.floormod(step, self.every), 0)
+        return tf.where(on_step, self.learning_rate, 0.0)
+
+    def get_config(self):
+        return {"learning_rate": self.learning_rate, "every": self.every}
+
+
 def build_model(config: ExperimentConfig, inshape) -> LTNet:
     """LT-Net with its two Adam optimisers (constant learning rate, Sec. 5)."""
-    model = LTNet(inshape, config.network, config.weights, config.train.ramp_steps)
-    lr = config.train.learning_rate
-    model.compile(tf.keras.optimizers.Adam(lr),
-                  tf.keras.optimizers.Adam(lr) if model.discriminator is not None else None,
-                  jit_compile=config.train.jit_compile)
+    model = LTNet(inshape, config.network, config.weights, config.penalties, config.train)
+    train = config.train
+    discriminator_optimizer = None
+    if model.discriminator is not None:
+        lr = train.discriminator_learning_rate or train.learning_rate
+        if train.discriminator_every > 1:
+            lr = EveryNthStep(lr, train.discriminator_every)
+        discriminator_optimizer = tf.keras.optimizers.Adam(lr)
+    model.compile(tf.keras.optimizers.Adam(train.learning_rate), discriminator_optimizer,
+                  jit_compile=train.jit_compile)
     model.build_optimizers()
     return model
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def initialise_forward_generator(model: LTNet, config: ExperimentConfig, atlas: str) -> None:
+    """Start G_F from the ``forward_generator.h5`` of the finished run ``train.init_from``.
+
+    The source run must share the atlas, the network grid and the U-Net: otherwise its field
+    would mean something else here.
+    """
+    import yaml
+    source = Path(config.train.init_from)
+    weights = source / FORWARD_WEIGHTS
+    for needed in (source / "config.yaml", source / "atlas.json", weights):
+        if not needed.exists():
+            raise FileNotFoundError(f"train.init_from: {needed} is missing (not a finished run)")
+    source_config = yaml.safe_load((source / "config.yaml").read_text())
+    source_atlas = json.loads((source / "atlas.json").read_text())["atlas"]
+    mismatches = []
+    if source_atlas != atlas:
+        mismatches.append(f"atlas {source_atlas} != {atlas}")
+    ours = config_to_dict(config)
+    for section, keys in (("data", ("crop_shape", "factor")),
+                          ("network", ("enc_features", "dec_features", "int_steps"))):
+        for key in keys:
+            # YAML gives lists where the dataclass may hold tuples.
+            theirs_value = _plain(source_config[section][key])
+            ours_value = _plain(ours[section][key])
+            if theirs_value != ours_value:
+                mismatches.append(f"{section}.{key} {theirs_value} != {ours_value}")
+    if mismatches:
+        raise ValueError(f"train.init_from {source} does not match this run: "
+                         + "; ".join(mismatches))
+    model.forward_generator.load_weights(str(weights))
+
+
+def gradient_norm_probe(model: LTNet, data: TrainingData):
+    """``model.field_gradient_norms`` on a fixed pair (the atlas and the first pool scan), as
+    a function returning plain floats; fixed so that the curves show training, not pairs."""
+    atlas = tf.constant(data.atlas.image[None, ..., None])
+    atlas_labels = tf.constant(data.atlas_one_hot[None])
+    target = tf.constant(data.targets[0].image[None, ..., None])
+    norms = tf.function(model.field_gradient_norms)
+
+    def probe():
+        return {name: float(value) for name, value in norms(atlas, atlas_labels, target).items()}
+    return probe
 
 
 class RunMonitor(tf.keras.callbacks.Callback):
     """Stops on a non-finite loss before it can be checkpointed; logs and checkpoints blocks."""
 
     def __init__(self, manager: tf.train.CheckpointManager, history_path: Path,
-                 log_every: int, checkpoint_every: int, total_steps: int):
+                 log_every: int, checkpoint_every: int, total_steps: int, diagnose=None):
         super().__init__()
+        # Called at each log step; its floats join the logged values (history, TensorBoard).
+        self.diagnose = diagnose
         self.manager = manager
         self.history_path = history_path
         self.log_every = log_every
@@ -101,6 +176,9 @@ class RunMonitor(tf.keras.callbacks.Callback):
         if self.failure:
             return
         step = self._step()
+        if logs is not None and self.diagnose is not None:
+            # The same dict reaches the TensorBoard callback after this one.
+            logs.update(self.diagnose())
         row = {"step": step, **{k: float(v) for k, v in (logs or {}).items()}}
         new_file = not self.history_path.exists()
         with open(self.history_path, "a", newline="") as handle:
@@ -139,14 +217,22 @@ def plot_history(history_path: Path, out_path: Path) -> None:
     if not rows:
         return
     steps = [float(r["step"]) for r in rows]
-    names = [k for k in rows[0] if k != "step"]
-    fig = Figure(figsize=(11, 4))
-    axes = fig.subplots(1, 2)
-    axes[0].plot(steps, [float(r["total"]) for r in rows], label="total (Eq. 11)")
-    for name in names:
-        if name != "total":
-            axes[1].plot(steps, [float(r[name]) for r in rows], label=name)
-    for ax, title in zip(axes, ("total generator loss", "terms (unweighted)")):
+    gradient_names = [k for k in rows[0] if k.startswith("grad_")]
+    term_names = [k for k in rows[0] if k not in ["step", "total", "field_magnitude"]
+                  + gradient_names]
+    panels = [("total generator loss", ["total"]), ("terms (unweighted)", term_names),
+              ("field magnitude (voxels)", ["field_magnitude"] if "field_magnitude" in rows[0]
+               else [])]
+    if gradient_names:
+        panels.append(("|d term / d forward field| (weighted)", gradient_names))
+    panels = [(title, names) for title, names in panels if names]
+    fig = Figure(figsize=(5.5 * len(panels), 4))
+    axes = fig.subplots(1, len(panels))
+    for ax, (title, names) in zip(axes, panels):
+        for name in names:
+            ax.plot(steps, [float(r[name]) for r in rows], label=name)
+        if title.startswith("|d term"):
+            ax.set_yscale("log")
         ax.set_xlabel("step")
         ax.set_title(title)
         ax.legend(fontsize=8)
@@ -167,11 +253,11 @@ class TrainResult:
 
 def _check_same_config(run_dir: Path, config: ExperimentConfig) -> None:
     """A resumed run must continue the same experiment (steps may be extended)."""
-    import yaml
     saved_path = run_dir / "config.yaml"
     if not saved_path.exists():
         return
-    saved = yaml.safe_load(saved_path.read_text())
+    # Through the dataclasses, so that options added since the run started take their defaults.
+    saved = config_to_dict(load_config(saved_path))
     current = config_to_dict(config)
     for values in (saved, current):
         values["train"].pop("steps", None)
@@ -217,6 +303,8 @@ def train(config: ExperimentConfig, run_dir, strategy=None, verbose: int = 1,
     manager = tf.train.CheckpointManager(checkpoint, run_dir / "checkpoints", max_to_keep=2)
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    elif config.train.init_from:
+        initialise_forward_generator(model, config, data.atlas.subject)
     start = int(model.generator_optimizer.iterations.numpy())
     history = run_dir / "history.csv"
     _truncate_history(history, start)
@@ -224,7 +312,9 @@ def train(config: ExperimentConfig, run_dir, strategy=None, verbose: int = 1,
     if start < steps:
         replicas = strategy.num_replicas_in_sync
         dataset = training_dataset(data, replicas, config.train.seed, start, steps)
-        monitor = RunMonitor(manager, history, log_every, config.train.checkpoint_every, steps)
+        probe = gradient_norm_probe(model, data) if config.train.log_grad_norms else None
+        monitor = RunMonitor(manager, history, log_every, config.train.checkpoint_every, steps,
+                             probe)
         callbacks = [monitor, tf.keras.callbacks.TensorBoard(str(run_dir / "logs"))]
         try:
             model.fit(dataset, epochs=steps // log_every, steps_per_epoch=log_every,

@@ -281,7 +281,7 @@ def test_run_directory_contents(tmp_path_factory, lpba40_root):
 
     rows = history_rows(run)
     assert [int(float(r["step"])) for r in rows] == [10]
-    assert set(rows[0]) == {"step", "sim", "smooth", "total"}
+    assert set(rows[0]) == {"step", "sim", "smooth", "total", "field_magnitude"}
     assert all(np.isfinite(float(v)) for v in rows[0].values())
     assert (run / "loss_curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (run / FORWARD_WEIGHTS).stat().st_size > 0

@@ -8,7 +8,7 @@ from typing import Dict
 import tensorflow as tf
 
 from ltnet_keras import losses
-from ltnet_keras.config import LossWeights, NetworkConfig
+from ltnet_keras.config import LossWeights, NetworkConfig, PenaltyConfig, TrainConfig
 from ltnet_keras.models.discriminator import make_patchgan
 from ltnet_keras.models.generators import make_generator, make_warp
 
@@ -24,8 +24,25 @@ def _guard_non_finite(gradients, loss):
     return safe, tf.where(finite, loss, tf.fill(tf.shape(loss), float("nan")))
 
 
+def gradient_gate(x, is_open):
+    """``x`` in the forward pass; its gradient is multiplied by ``is_open`` (0. or 1.).
+
+    Lets a schedule cut a path of the graph for some steps (freezing G_F, keeping the cycle
+    terms away from G_F) without retracing or changing any loss value.
+    """
+    x_stopped = tf.stop_gradient(x)
+    return x_stopped + is_open * (x - x_stopped)
+
+
+def mean_displacement(field):
+    """Mean length (voxels) of the displacement vectors of ``(batch, x, y, z, 3)``: ``(batch,)``."""
+    return tf.reduce_mean(tf.norm(field, axis=-1), axis=[1, 2, 3])
+
+
 # VoxelMorph's own terms are never ramped (``train.ramp_steps``).
 UNRAMPED_TERMS = ("sim", "smooth")
+# The terms the backward path feeds; ``train.cycle_backward_only_steps`` keeps them off G_F.
+CYCLE_INPUTS = ("forward_field", "warped_atlas", "warped_atlas_labels")
 
 
 class LTNet(tf.keras.Model):
@@ -36,10 +53,12 @@ class LTNet(tf.keras.Model):
     model on ``[atlas, target]`` returns the forward field ``(b, x, y, z, 3)``.
     """
 
-    def __init__(self, inshape, network: NetworkConfig, weights: LossWeights, ramp_steps: int = 0,
-                 name="ltnet"):
+    def __init__(self, inshape, network: NetworkConfig, weights: LossWeights,
+                 penalties: PenaltyConfig = None, train: TrainConfig = None, name="ltnet"):
         super().__init__(name=name)
-        self.ramp_steps = int(ramp_steps)
+        self.penalties = penalties or PenaltyConfig()
+        self.schedule = train or TrainConfig()
+        self.ramp_steps = int(self.schedule.ramp_steps)
         self.inshape = tuple(int(s) for s in inshape)
         self.term_weights: Dict[str, float] = {k: v for k, v in weights.terms().items() if v > 0}
         self.ncc_window = weights.ncc_window
@@ -52,7 +71,7 @@ class LTNet(tf.keras.Model):
         # voxelmorph's SpatialTransformer fixes its channel count on first call: one per kind.
         self.warp_image = make_warp("linear", name="warp_image")
         self.warp_labels = make_warp("linear", name="warp_labels")
-        tracked = list(self.term_weights) + ["total"]
+        tracked = list(self.term_weights) + ["total", "field_magnitude"]
         if self.discriminator is not None:
             tracked.append("discriminator")
         self.trackers = {n: tf.keras.metrics.Mean(name=n) for n in tracked}
@@ -83,27 +102,56 @@ class LTNet(tf.keras.Model):
         atlas, target = inputs
         return self.forward_generator([atlas, target], training=training)
 
+    # -- schedules (not in the paper; all off by default) --------------------------------------
+    def _step(self):
+        return self.generator_optimizer.iterations
+
+    def _open_from(self, first_step: int):
+        """1. from ``first_step`` on (counting generator updates from 0), 0. before."""
+        return tf.cast(self._step() >= first_step, tf.float32)
+
+    def _discriminator_view(self, images):
+        """What D sees: the images plus instance noise (``train.instance_noise``), if any."""
+        noise = self.schedule.instance_noise
+        if not noise:
+            return images
+        return images + tf.random.normal(tf.shape(images), stddev=noise)
+
     # -- the method ---------------------------------------------------------------------------
     def correspondence_cycle(self, atlas, atlas_labels, target, training=False):
-        """Forward path (Eq. 1, 2) and, when needed, backward path (Eq. 5 and l_bar_s)."""
+        """Forward path (Eq. 1, 2) and, when needed, backward path (Eq. 5 and l_bar_s).
+
+        ``out["cycle_inputs"]`` holds the forward-path tensors as the cycle terms see them:
+        the same values, with their gradient to G_F cut during ``cycle_backward_only_steps``.
+        """
         forward_field = self.forward_generator([atlas, target], training=training)
+        if self.schedule.freeze_forward_steps:
+            forward_field = gradient_gate(forward_field,
+                                          self._open_from(self.schedule.freeze_forward_steps))
         out = {"forward_field": forward_field,
                "warped_atlas": self.warp_image([atlas, forward_field])}
         if self.uses_labels:
             out["warped_atlas_labels"] = self.warp_labels([atlas_labels, forward_field])
-        if self.backward_generator is not None:
-            backward_field = self.backward_generator([out["warped_atlas"], atlas],
-                                                     training=training)
-            out["backward_field"] = backward_field
-            out["reconstructed_atlas"] = self.warp_image([out["warped_atlas"], backward_field])
-            if self.uses_labels:
-                out["reconstructed_atlas_labels"] = self.warp_labels(
-                    [out["warped_atlas_labels"], backward_field])
+        if self.backward_generator is None:
+            return out
+        seen = {name: out[name] for name in CYCLE_INPUTS if name in out}
+        if self.schedule.cycle_backward_only_steps:
+            is_open = self._open_from(self.schedule.cycle_backward_only_steps)
+            seen = {name: gradient_gate(value, is_open) for name, value in seen.items()}
+        out["cycle_inputs"] = seen
+        backward_field = self.backward_generator([seen["warped_atlas"], atlas], training=training)
+        out["backward_field"] = backward_field
+        out["reconstructed_atlas"] = self.warp_image([seen["warped_atlas"], backward_field])
+        if self.uses_labels:
+            out["reconstructed_atlas_labels"] = self.warp_labels(
+                [seen["warped_atlas_labels"], backward_field])
         return out
 
     def generator_terms(self, cycle, atlas, atlas_labels, target):
         """Per-example value, shape ``(batch,)``, of every active term of Eq. (11)."""
         active = self.term_weights
+        penalties = self.penalties
+        seen = cycle.get("cycle_inputs", {})
         terms = {}
         if "sim" in active:
             terms["sim"] = losses.similarity_loss(target, cycle["warped_atlas"], self.ncc_window)
@@ -112,25 +160,29 @@ class LTNet(tf.keras.Model):
             if "backward_field" in cycle:  # Eq. (6)
                 terms["smooth"] += losses.smoothness_loss(cycle["backward_field"])
         if "gan" in active:
-            terms["gan"] = losses.lsgan_generator_loss(self.discriminator(cycle["warped_atlas"]))
+            terms["gan"] = losses.lsgan_generator_loss(
+                self.discriminator(self._discriminator_view(cycle["warped_atlas"])))
         if "cyc" in active:
-            terms["cyc"] = losses.image_cycle_loss(atlas, cycle["reconstructed_atlas"])
+            terms["cyc"] = losses.image_cycle_loss(atlas, cycle["reconstructed_atlas"],
+                                                   penalties.cyc_eps, penalties.cyc_gamma)
         if "trans" in active:
-            terms["trans"] = losses.transformation_consistency_loss(cycle["forward_field"],
-                                                                    cycle["backward_field"])
+            terms["trans"] = losses.transformation_consistency_loss(
+                seen["forward_field"], cycle["backward_field"], penalties.trans_eps,
+                penalties.trans_gamma)
         if "anatomy_cyc" in active:
             terms["anatomy_cyc"] = losses.anatomy_cycle_loss(
                 atlas_labels, cycle["reconstructed_atlas_labels"])
         if "diff_cyc" in active:
             terms["diff_cyc"] = losses.anatomy_difference_loss(
-                atlas_labels, cycle["warped_atlas_labels"], cycle["reconstructed_atlas_labels"])
+                atlas_labels, seen["warped_atlas_labels"], cycle["reconstructed_atlas_labels"],
+                penalties.diff_eps, penalties.diff_gamma)
         return terms
 
     def current_weights(self):
         """Eq. (11) weights, with the non-VoxelMorph terms scaled by the ramp (if any)."""
         if not self.ramp_steps:
             return self.term_weights
-        step = tf.cast(self.generator_optimizer.iterations, tf.float32)
+        step = tf.cast(self._step(), tf.float32)
         scale = tf.minimum(1.0, step / float(self.ramp_steps))
         return {name: weight if name in UNRAMPED_TERMS else weight * scale
                 for name, weight in self.term_weights.items()}
@@ -141,10 +193,11 @@ class LTNet(tf.keras.Model):
         global_batch = tf.shape(per_example)[0] * replicas
         return tf.nn.compute_average_loss(per_example, global_batch_size=global_batch)
 
-    def _record(self, terms, total, discriminator_loss=None):
+    def _record(self, terms, total, cycle, discriminator_loss=None):
         for name, value in terms.items():
             self.trackers[name].update_state(value)
         self.trackers["total"].update_state(total)
+        self.trackers["field_magnitude"].update_state(mean_displacement(cycle["forward_field"]))
         if discriminator_loss is not None:
             self.trackers["discriminator"].update_state(discriminator_loss)
         return {name: tracker.result() for name, tracker in self.trackers.items()}
@@ -167,18 +220,45 @@ class LTNet(tf.keras.Model):
             fake = tf.stop_gradient(cycle["warped_atlas"])
             with tf.GradientTape() as tape:
                 discriminator_loss = losses.lsgan_discriminator_loss(
-                    self.discriminator(target, training=True),
-                    self.discriminator(fake, training=True))
+                    self.discriminator(self._discriminator_view(target), training=True),
+                    self.discriminator(self._discriminator_view(fake), training=True),
+                    real_target=1.0 - self.schedule.label_smoothing)
                 replica_loss = self._replica_mean(discriminator_loss)
             d_variables = self.discriminator.trainable_variables
             d_gradients, discriminator_loss = _guard_non_finite(
                 tape.gradient(replica_loss, d_variables), discriminator_loss)
             self.discriminator_optimizer.apply_gradients(zip(d_gradients, d_variables))
-        return self._record(terms, total, discriminator_loss)
+        return self._record(terms, total, cycle, discriminator_loss)
 
     def test_step(self, data):
         atlas, atlas_labels, target = data["atlas"], data["atlas_labels"], data["target"]
         cycle = self.correspondence_cycle(atlas, atlas_labels, target)
         terms = self.generator_terms(cycle, atlas, atlas_labels, target)
         total = losses.total_generator_loss(terms, self.term_weights)
-        return self._record(terms, total)
+        return self._record(terms, total, cycle)
+
+    # -- diagnostics ----------------------------------------------------------------------------
+    def field_gradient_norms(self, atlas, atlas_labels, target) -> Dict[str, tf.Tensor]:
+        """How hard each active term pulls on the forward field, for one batch.
+
+        ``grad_<term>``: the L2 norm (over the whole field) of the gradient of that term, as it
+        enters Eq. (11) (weighted, batch-averaged, ramp applied), with respect to the forward
+        field ``dp_F``: every path counts (through the warps, G_B's input and D), exactly as G_F
+        receives it, so a term cut off from G_F by a schedule reports 0. Also
+        ``field_magnitude``: the mean displacement length in voxels. Call it on a fixed pair to
+        compare terms over training (``train.log_grad_norms``).
+        """
+        weights = self.current_weights()
+        with tf.GradientTape(persistent=True) as tape:
+            cycle = self.correspondence_cycle(atlas, atlas_labels, target)
+            terms = self.generator_terms(cycle, atlas, atlas_labels, target)
+            weighted = {name: tf.reduce_mean(weights[name] * value)
+                        for name, value in terms.items()}
+        norms = {}
+        for name, value in weighted.items():
+            gradient = tape.gradient(value, cycle["forward_field"])
+            norms[f"grad_{name}"] = (tf.constant(0.0) if gradient is None
+                                     else tf.norm(gradient))
+        del tape
+        norms["field_magnitude"] = tf.reduce_mean(mean_displacement(cycle["forward_field"]))
+        return norms

@@ -51,7 +51,7 @@ def ltnet_step():
 
 def test_ltnet_step_returns_every_term_finite(ltnet_step):
     logs = ltnet_step["logs"]
-    assert set(logs) == set(EQ11_TERMS) | {"total", "discriminator"}
+    assert set(logs) == set(EQ11_TERMS) | {"total", "discriminator", "field_magnitude"}
     bad = {k: v for k, v in logs.items() if not np.isfinite(v)}
     assert not bad, bad
     # a few sanity bounds: -NCC in (-1, 0], Dice loss in [0, 1], LSGAN losses >= 0
@@ -86,7 +86,7 @@ def test_voxelmorph_step_has_no_discriminator():
     assert model.backward_generator is None
     before = snapshot(model.generator_variables)
     logs = {k: float(v) for k, v in model.train_step(random_batch((16, 16, 16), batch=2)).items()}
-    assert set(logs) == {"sim", "smooth", "total"}
+    assert set(logs) == {"sim", "smooth", "total", "field_magnitude"}
     assert all(np.isfinite(v) for v in logs.values())
     assert logs["total"] == pytest.approx(logs["sim"] + 1.0 * logs["smooth"], abs=1e-5)
     assert changed(before, model.generator_variables) > 0
@@ -161,7 +161,7 @@ def test_two_replica_step_equals_one_device_step():
     assert result["d_delta_rel"] < 1e-4, result
     assert result["g_weights_rel"] < 1e-4, result
     one, two = result["logs"]
-    assert set(one) == set(EQ11_TERMS) | {"total", "discriminator"}
+    assert set(one) == set(EQ11_TERMS) | {"total", "discriminator", "field_magnitude"}
     for name in one:
         assert two[name] == pytest.approx(one[name], rel=1e-4, abs=1e-6), (name, one, two)
 

@@ -93,8 +93,8 @@ def test_ltnet_builds_only_the_networks_its_terms_need(preset, backward, discrim
     assert (model.backward_generator is not None) is backward
     assert (model.discriminator is not None) is discriminator
     tracked = {m.name for m in model.metrics}
-    assert tracked == set(model.term_weights) | {"total"} | ({"discriminator"} if discriminator
-                                                            else set())
+    assert tracked == (set(model.term_weights) | {"total", "field_magnitude"}
+                       | ({"discriminator"} if discriminator else set()))
     generator_params = sum(int(np.prod(v.shape)) for v in model.generator_variables)
     single = model.forward_generator.count_params()
     assert generator_params == (2 * single if backward else single)
