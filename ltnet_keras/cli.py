@@ -1,11 +1,13 @@
 """``ltnet`` command line: thin wrappers that parse arguments and call the package."""
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from ltnet_keras.config import (PRESETS, SEGMENT_INTERPOLATIONS, DataConfig, apply_overrides,
                                 config_from_dict, default_data_root, load_config)
 from ltnet_keras.data.errors import VolumeError
+from ltnet_keras.evaluation import UNKNOWN_LABELS
 
 
 def _config_with_overrides(args):
@@ -53,7 +55,8 @@ def cmd_evaluate(args):
     from ltnet_keras import evaluation
     from ltnet_keras.data.labels import LabelTable
     table = LabelTable.from_tsv(args.labels)
-    scores = evaluation.evaluate_folders(args.pred, args.truth, table, strict=args.strict)
+    scores = evaluation.evaluate_folders(args.pred, args.truth, table, strict=args.strict,
+                                         unknown_labels=args.unknown_labels)
     summary = {args.name: evaluation.summarise(scores, level=args.level)}
     print(evaluation.format_summary_table(summary))
     if args.per_structure:
@@ -118,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="prediction")
     p.add_argument("--per-structure", action="store_true")
     p.add_argument("--strict", action="store_true", help="every truth subject needs a prediction")
+    p.add_argument("--unknown-labels", choices=UNKNOWN_LABELS, default="error",
+                   help="label ids absent from --labels: refuse the file (default) or score "
+                        "them as background, with a warning")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train", help="train or resume a run")
@@ -140,11 +146,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (VolumeError, ValueError, FileNotFoundError) as error:
-        print(f"ltnet {args.command}: error: {error}", file=sys.stderr)
-        return 2
+
+    def print_warning(message, category, filename, lineno, file=None, line=None):
+        # One line, like errors: the default format quotes the source line that warned.
+        print(f"ltnet {args.command}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = print_warning
+        try:
+            args.func(args)
+        except (VolumeError, ValueError, FileNotFoundError) as error:
+            print(f"ltnet {args.command}: error: {error}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -41,7 +41,7 @@ def prepare_subject(image_path, label_path=None, crop_shape=(160, 192, 160), fac
 def prepare_volumes(image: Volume, labels: Optional[Volume], crop_shape, factor,
                     subject: str = "") -> PreparedSubject:
     """:func:`prepare_subject` for volumes already loaded (and checked) by ``data.io``."""
-    normalised = normalise_intensity(image.array)
+    normalised = normalise_intensity(image.array, source=image.path)
     grid = GridSpec.centred_on(normalised, crop_shape, factor)
     return PreparedSubject(
         subject=subject or subject_id(image.path),
