@@ -76,14 +76,23 @@ def cmd_train(args):
 def cmd_segment(args):
     from tqdm import tqdm
 
-    from ltnet_keras.segment import Segmenter
+    from ltnet_keras.segment import (FORWARD_FIELD_DIR, WARPED_ATLAS_DIR, Segmenter,
+                                     plan_output_paths)
+    side_folders = ([WARPED_ATLAS_DIR] if args.save_warped_atlas else []) + (
+        [FORWARD_FIELD_DIR] if args.save_field else [])
+    outputs = plan_output_paths(args.image, args.out, args.overwrite, side_folders)
     segmenter = Segmenter(args.run, atlas_image=args.atlas_image, atlas_labels=args.atlas_labels,
                           label_interp=args.label_interp)
-    for image in tqdm(args.image, desc="segment", disable=len(args.image) < 2):
+    # Every scan is read and checked before the first output is written, so a bad file in a
+    # batch leaves no partial results behind (each scan is read once more to segment it).
+    for image in tqdm(args.image, desc="check", disable=len(args.image) < 2):
+        segmenter.prepare(image)
+    for image, output in tqdm(list(zip(args.image, outputs)), desc="segment",
+                              disable=len(args.image) < 2):
         result = segmenter.segment_to_files(image, args.out, args.save_warped_atlas,
-                                            args.save_field)
+                                            args.save_field, name=output.name)
         timing = ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items())
-        tqdm.write(f"{image} -> {Path(args.out) / (result.subject + '.nii.gz')} ({timing})")
+        tqdm.write(f"{image} -> {output} ({timing})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -140,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atlas-labels", type=Path)
     p.add_argument("--save-warped-atlas", action="store_true")
     p.add_argument("--save-field", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace output files that exist already (default: refuse)")
     p.set_defaults(func=cmd_segment)
     return parser
 
