@@ -40,11 +40,16 @@ def cmd_prepare(args):
 
 def cmd_select_atlas(args):
     from ltnet_keras.atlas import select_atlas
-    from ltnet_keras.data.dataset import subject_files
+    from ltnet_keras.data.dataset import check_subject_files, subject_files
+    from ltnet_keras.data.labels import LabelTable
     data = DataConfig(root=str(args.data or default_data_root()))
     if args.subjects:
         data.train_subjects = args.subjects
     files = subject_files(data, data.train_subjects)
+    # The chosen scan becomes the labelled atlas: candidates' label maps are checked too,
+    # against the folder's label table when it has one.
+    tsv = data.resolved_labels_tsv()
+    check_subject_files(files, LabelTable.from_tsv(tsv) if tsv.exists() else None)
     choice = select_atlas({f.id: f.image for f in files}, measure=args.measure, factor=args.factor)
     for subject, score in choice.scores.items():
         print(f"{subject}\t{score:.5f}")

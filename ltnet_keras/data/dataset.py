@@ -61,6 +61,18 @@ def subject_files(config: DataConfig, subjects: Sequence[str]) -> List[SubjectFi
     return [available[s] for s in subjects]
 
 
+def check_subject_files(files: Sequence[SubjectFiles],
+                        table: Optional[LabelTable] = None) -> None:
+    """Read and check every image and label map of ``files`` so that a bad file in a data
+    folder is refused, by name, before any work starts (VolumeError): what ``data.io`` refuses
+    (unreadable, not 3D, NaN/inf, a label map on another grid than its image, ids absent from
+    ``table``) and images too constant to normalise. Label maps are checked even where only
+    the image will be used: a broken one is a sign of a broken folder, not to be ignored."""
+    for subject in files:
+        image, _ = load_subject(subject.image, subject.label, table)
+        normalise_intensity(image.array, source=image.path)
+
+
 def prepare_subjects(config: DataConfig, subjects: Sequence[str], with_labels: bool,
                      table: Optional[LabelTable] = None) -> List[PreparedSubject]:
     prepared = []
@@ -95,7 +107,10 @@ class TrainingData:
 
 
 def load_training_data(config: DataConfig, atlas: Optional[str] = None) -> TrainingData:
+    """The atlas (with labels) and the unlabelled pool of ``config.train_subjects``; every file
+    of those subjects is checked first (:func:`check_subject_files`)."""
     table = LabelTable.from_tsv(config.resolved_labels_tsv())
+    check_subject_files(subject_files(config, config.train_subjects), table)
     atlas = atlas or resolve_atlas(config)
     atlas_subject, = prepare_subjects(config, [atlas], with_labels=True, table=table)
     pool = [s for s in config.train_subjects if s != atlas]
