@@ -284,9 +284,6 @@ def _pair_paths(pred: Path, truth: Path, strict: bool) -> List[tuple]:
 def _known_labels(volume, table, unknown_labels) -> np.ndarray:
     """The label map of ``volume`` with ids absent from ``table`` refused (``"error"``) or set
     to background 0 with a warning (``"background"``)."""
-    if unknown_labels not in UNKNOWN_LABELS:
-        raise ValueError(f"unknown_labels must be one of {', '.join(UNKNOWN_LABELS)}; "
-                         f"got {unknown_labels!r}")
     unknown = table.unknown_ids(volume.array)
     if not unknown:
         return volume.array
@@ -314,6 +311,9 @@ def evaluate_folders(pred, truth, table, strict=False,
     """
     from ltnet_keras.data.io import check_same_grid, load_label_map
 
+    if unknown_labels not in UNKNOWN_LABELS:
+        raise ValueError(f"unknown_labels must be one of {', '.join(UNKNOWN_LABELS)}; "
+                         f"got {unknown_labels!r}")
     scores = []
     for subject, pred_path, truth_path in _pair_paths(Path(pred), Path(truth), strict):
         pred_map, truth_map = load_label_map(pred_path), load_label_map(truth_path)
