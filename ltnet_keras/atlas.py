@@ -10,6 +10,8 @@ from typing import Dict, List, Mapping
 
 import numpy as np
 
+from ltnet_keras.data.errors import VolumeError
+
 MEASURES = ("ncc", "mse")
 
 
@@ -40,8 +42,12 @@ def _candidates(images):
     return items
 
 
+def _is_path(value) -> bool:
+    return isinstance(value, (str, Path))
+
+
 def _prepare(value, factor, normalise) -> np.ndarray:
-    if isinstance(value, (str, Path)):
+    if _is_path(value):
         from ltnet_keras.data.io import load_image
         array = load_image(value).array
     else:
@@ -49,7 +55,7 @@ def _prepare(value, factor, normalise) -> np.ndarray:
     array = array[(slice(None, None, factor),) * array.ndim]
     if normalise:
         from ltnet_keras.data.preprocess import normalise_intensity
-        array = normalise_intensity(array)
+        array = normalise_intensity(array, source=value if _is_path(value) else "")
     return array.astype(np.float64)
 
 
@@ -88,8 +94,11 @@ def select_atlas(images, measure="ncc", factor=1, normalise=True) -> AtlasChoice
         if total is None:
             total = np.zeros_like(array)
         elif array.shape != total.shape:
-            raise ValueError(f"image of {subject} has shape {array.shape}, others {total.shape}; "
-                             "atlas selection needs co-registered images on one grid")
+            # Name the file when there is one: that is what the user has to fix.
+            raise VolumeError(value if _is_path(value) else "",
+                              f"image of {subject} has shape {array.shape}, others "
+                              f"{total.shape}; atlas selection needs co-registered images on "
+                              "one grid")
         total += array
     average = total / len(items)
 

@@ -1,11 +1,13 @@
 """``ltnet`` command line: thin wrappers that parse arguments and call the package."""
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 from ltnet_keras.config import (PRESETS, SEGMENT_INTERPOLATIONS, DataConfig, apply_overrides,
                                 config_from_dict, default_data_root, load_config)
 from ltnet_keras.data.errors import VolumeError
+from ltnet_keras.evaluation import UNKNOWN_LABELS
 
 
 def _config_with_overrides(args):
@@ -38,11 +40,16 @@ def cmd_prepare(args):
 
 def cmd_select_atlas(args):
     from ltnet_keras.atlas import select_atlas
-    from ltnet_keras.data.dataset import subject_files
+    from ltnet_keras.data.dataset import check_subject_files, subject_files
+    from ltnet_keras.data.labels import LabelTable
     data = DataConfig(root=str(args.data or default_data_root()))
     if args.subjects:
         data.train_subjects = args.subjects
     files = subject_files(data, data.train_subjects)
+    # The chosen scan becomes the labelled atlas: candidates' label maps are checked too,
+    # against the folder's label table when it has one.
+    tsv = data.resolved_labels_tsv()
+    check_subject_files(files, LabelTable.from_tsv(tsv) if tsv.exists() else None)
     choice = select_atlas({f.id: f.image for f in files}, measure=args.measure, factor=args.factor)
     for subject, score in choice.scores.items():
         print(f"{subject}\t{score:.5f}")
@@ -53,7 +60,8 @@ def cmd_evaluate(args):
     from ltnet_keras import evaluation
     from ltnet_keras.data.labels import LabelTable
     table = LabelTable.from_tsv(args.labels)
-    scores = evaluation.evaluate_folders(args.pred, args.truth, table, strict=args.strict)
+    scores = evaluation.evaluate_folders(args.pred, args.truth, table, strict=args.strict,
+                                         unknown_labels=args.unknown_labels)
     summary = {args.name: evaluation.summarise(scores, level=args.level)}
     print(evaluation.format_summary_table(summary))
     if args.per_structure:
@@ -73,14 +81,23 @@ def cmd_train(args):
 def cmd_segment(args):
     from tqdm import tqdm
 
-    from ltnet_keras.segment import Segmenter
+    from ltnet_keras.segment import (FORWARD_FIELD_DIR, WARPED_ATLAS_DIR, Segmenter,
+                                     plan_output_paths)
+    side_folders = ([WARPED_ATLAS_DIR] if args.save_warped_atlas else []) + (
+        [FORWARD_FIELD_DIR] if args.save_field else [])
+    outputs = plan_output_paths(args.image, args.out, args.overwrite, side_folders)
     segmenter = Segmenter(args.run, atlas_image=args.atlas_image, atlas_labels=args.atlas_labels,
                           label_interp=args.label_interp)
-    for image in tqdm(args.image, desc="segment", disable=len(args.image) < 2):
+    # Every scan is read and checked before the first output is written, so a bad file in a
+    # batch leaves no partial results behind (each scan is read once more to segment it).
+    for image in tqdm(args.image, desc="check", disable=len(args.image) < 2):
+        segmenter.prepare(image)
+    for image, output in tqdm(list(zip(args.image, outputs)), desc="segment",
+                              disable=len(args.image) < 2):
         result = segmenter.segment_to_files(image, args.out, args.save_warped_atlas,
-                                            args.save_field)
+                                            args.save_field, name=output.name)
         timing = ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items())
-        tqdm.write(f"{image} -> {Path(args.out) / (result.subject + '.nii.gz')} ({timing})")
+        tqdm.write(f"{image} -> {output} ({timing})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -118,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="prediction")
     p.add_argument("--per-structure", action="store_true")
     p.add_argument("--strict", action="store_true", help="every truth subject needs a prediction")
+    p.add_argument("--unknown-labels", choices=UNKNOWN_LABELS, default="error",
+                   help="label ids absent from --labels: refuse the file (default) or score "
+                        "them as background, with a warning")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train", help="train or resume a run")
@@ -134,17 +154,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atlas-labels", type=Path)
     p.add_argument("--save-warped-atlas", action="store_true")
     p.add_argument("--save-field", action="store_true")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace output files that exist already (default: refuse)")
     p.set_defaults(func=cmd_segment)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (VolumeError, ValueError, FileNotFoundError) as error:
-        print(f"ltnet {args.command}: error: {error}", file=sys.stderr)
-        return 2
+
+    def print_warning(message, category, filename, lineno, file=None, line=None):
+        # One line, like errors: the default format quotes the source line that warned.
+        print(f"ltnet {args.command}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = print_warning
+        try:
+            args.func(args)
+        except (VolumeError, ValueError, FileNotFoundError) as error:
+            print(f"ltnet {args.command}: error: {error}", file=sys.stderr)
+            return 2
     return 0
 
 

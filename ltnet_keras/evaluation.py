@@ -19,6 +19,9 @@ from ltnet_keras.records import atomic_write_text, csv_text
 
 LEVELS = ("structure", "label")
 LABEL_FILE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".npz")
+# What to do with label ids that are not in the label table: refuse the file, or score those
+# voxels as background (with a warning).
+UNKNOWN_LABELS = ("error", "background")
 
 
 # ----------------------------------------------------------------------------- Dice
@@ -333,22 +336,44 @@ def _pair_paths(pred: Path, truth: Path, strict: bool) -> List[tuple]:
     return [(i, preds[i], truths[i]) for i in common]
 
 
-def evaluate_folders(pred, truth, table, strict=False) -> List[SubjectScores]:
+def _known_labels(volume, table, unknown_labels) -> np.ndarray:
+    """The label map of ``volume`` with ids absent from ``table`` refused (``"error"``) or set
+    to background 0 with a warning (``"background"``)."""
+    unknown = table.unknown_ids(volume.array)
+    if not unknown:
+        return volume.array
+    if unknown_labels == "error":
+        table.check_ids(volume.array, source=volume.path,
+                        hint="to score them as background use unknown_labels='background' "
+                             "(ltnet evaluate --unknown-labels background)")
+    warnings.warn(f"{volume.path}: label ids {unknown} are not in the label table; scored as "
+                  "background")
+    return np.where(np.isin(volume.array, unknown), 0, volume.array)
+
+
+def evaluate_folders(pred, truth, table, strict=False,
+                     unknown_labels="error") -> List[SubjectScores]:
     """Dice of predicted label maps against truth; ``pred`` and ``truth`` are files or folders.
 
     Folders are matched by subject id (file name without extension, exact match); a folder
     holding no label files but a ``labels/`` sub-folder (a dataset root) is read from there.
     Truth subjects without a prediction raise a VolumeError when ``strict``, else are skipped
-    with a warning. Shapes must agree (VolumeError naming both files).
+    with a warning. Each prediction must be on its truth's grid: same shape, voxel centres
+    within a tenth of a voxel (``io.check_same_grid``; a VolumeError names both files and the
+    offset in mm). Label ids absent from ``table`` in either map are refused (VolumeError naming
+    the file and the ids), or with ``unknown_labels="background"`` scored as background with a
+    warning.
     """
-    from ltnet_keras.data.io import load_label_map
+    from ltnet_keras.data.io import check_same_grid, load_label_map
 
+    if unknown_labels not in UNKNOWN_LABELS:
+        raise ValueError(f"unknown_labels must be one of {', '.join(UNKNOWN_LABELS)}; "
+                         f"got {unknown_labels!r}")
     scores = []
     for subject, pred_path, truth_path in _pair_paths(Path(pred), Path(truth), strict):
-        pred_map = load_label_map(pred_path).array
-        truth_map = load_label_map(truth_path).array
-        if pred_map.shape != truth_map.shape:
-            raise VolumeError(pred_path, f"shape {pred_map.shape} does not match shape "
-                                         f"{truth_map.shape} of {truth_path}")
-        scores.append(evaluate_pair(pred_map, truth_map, table, subject))
+        pred_map, truth_map = load_label_map(pred_path), load_label_map(truth_path)
+        check_same_grid(pred_map, truth_map, "prediction", "truth")
+        scores.append(evaluate_pair(_known_labels(pred_map, table, unknown_labels),
+                                    _known_labels(truth_map, table, unknown_labels),
+                                    table, subject))
     return scores

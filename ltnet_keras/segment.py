@@ -5,18 +5,29 @@ grid (up-sampled, in original voxels) and the full-resolution atlas label map is
 so the output has the scan's shape, affine and header and holds the atlas' label ids.
 """
 import json
+import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
 from ltnet_keras.config import SEGMENT_INTERPOLATIONS, load_config
-from ltnet_keras.data.dataset import PreparedSubject, prepare_subject, prepare_volumes
+from ltnet_keras.data.dataset import PreparedSubject, prepare_volumes
 from ltnet_keras.data.errors import VolumeError
-from ltnet_keras.data.io import load_subject, save_volume, subject_id
+from ltnet_keras.data.io import Volume, load_image, load_subject, save_volume, subject_id
 from ltnet_keras.data.labels import LabelTable
+
+# Sub-folders of the output folder for the optional outputs of segment_to_files.
+WARPED_ATLAS_DIR = "warped_atlas"
+FORWARD_FIELD_DIR = "forward_field"
+# A scan is refused when, along any world axis, it covers less than this fraction of the
+# atlas' field of view: the network was trained on whole heads cropped to the atlas' extent,
+# and a slab or a thumbnail cannot be registered to it (it would still get a label map, made
+# of atlas labels warped into padding). Whole-head scans of any usual resolution pass.
+MIN_FIELD_OF_VIEW_FRACTION = 0.5
 
 
 def _check_method(method):
@@ -145,6 +156,76 @@ class Segmentation:
         return grid + self.forward_field + self.atlas_offset
 
 
+def output_suffix(image_path) -> str:
+    """File type of the label map written for a scan (NIfTI, whatever the scan's type)."""
+    return ".nii.gz"
+
+
+def _distinct_names(images: Sequence[Path]) -> List[str]:
+    """Output names (without suffix) for ``images``: the subject id, prefixed with as many
+    parent folder names as it takes to tell apart scans whose ids repeat
+    (``a/brainmask.mgz``, ``b/brainmask.mgz`` -> ``a_brainmask``, ``b_brainmask``)."""
+    folders = [path.relative_to(path.anchor).parent.parts for path in images]
+    names = [subject_id(path) for path in images]
+    for depth in range(1, max(len(f) for f in folders) + 1):
+        repeated = {name for name, count in Counter(names).items() if count > 1}
+        if not repeated:
+            break
+        names = [("_".join(f[-depth:] + (subject_id(path),)) if name in repeated else name)
+                 for name, f, path in zip(names, folders, images)]
+    return names
+
+
+def plan_output_paths(images, out_dir, overwrite=False, side_folders=()) -> List[Path]:
+    """Where ``ltnet segment`` writes the label map of each scan: ``out_dir/<name><suffix>``.
+
+    Refuses (VolumeError), before anything is written: a scan given twice, two scans that
+    would get the same output, an output that would replace one of the scans, and unless
+    ``overwrite`` an output that exists already, including those in ``side_folders`` (the
+    sub-folders of ``out_dir`` that get a file of the same name, e.g. ``warped_atlas``).
+    """
+    # Absolute, not resolved: a symlinked scan keeps its own folder names.
+    images = [Path(os.path.abspath(path)) for path in images]
+    given_twice = [path for path, count in Counter(images).items() if count > 1]
+    if given_twice:
+        raise VolumeError(given_twice[0], "this scan is given more than once")
+    out_dir = Path(out_dir)
+    outputs = [out_dir / f"{name}{output_suffix(image)}"
+               for name, image in zip(_distinct_names(images), images)]
+    for output, count in Counter(outputs).items():
+        if count > 1:
+            clash = [str(image) for image, o in zip(images, outputs) if o == output]
+            raise VolumeError(output, f"scans {clash} would all be written here; rename them")
+    written = outputs + [o.parent / folder / o.name for folder in side_folders for o in outputs]
+    replaced = [path for path in written if Path(os.path.abspath(path)) in set(images)]
+    if replaced:
+        raise VolumeError(replaced[0], "the output would replace this input scan; choose "
+                                       "another output folder")
+    existing = [str(path) for path in written if path.exists()]
+    if existing and not overwrite:
+        raise VolumeError(existing[0], f"output exists already ({len(existing)} of the outputs "
+                                       "do); pass --overwrite to replace them")
+    return outputs
+
+
+def check_field_of_view(image: Volume, atlas: Volume) -> None:
+    """Refuse a scan that covers less than :data:`MIN_FIELD_OF_VIEW_FRACTION` of the atlas'
+    field of view along a world axis; the message gives both shapes, voxel sizes and fields
+    of view (mm)."""
+    fov, atlas_fov = np.array(image.field_of_view), np.array(atlas.field_of_view)
+    short = fov < MIN_FIELD_OF_VIEW_FRACTION * atlas_fov
+    if short.any():
+        def describe(volume, extent):
+            size = " x ".join(f"{v:.3g}" for v in volume.voxel_size)
+            return (f"shape {volume.shape}, voxel size {size} mm, field of view "
+                    + " x ".join(f"{v:.1f}" for v in extent) + " mm")
+        axes = ", ".join("xyz"[axis] for axis in np.flatnonzero(short))
+        raise VolumeError(image.path, f"the scan is too small for this run: {describe(image, fov)}"
+                                      f" covers less than {MIN_FIELD_OF_VIEW_FRACTION:g} of the "
+                                      f"atlas' field of view along world axis {axes} (atlas "
+                                      f"{atlas.path}: {describe(atlas, atlas_fov)})")
+
+
 def _recorded_atlas(record: dict, data) -> tuple:
     """The run's atlas files: as recorded, else the same subject under the data root
     (``$LTNET_DATA``), so a run directory keeps working when moved to another machine."""
@@ -184,6 +265,7 @@ class Segmenter:
             atlas_image = atlas_image or recorded_image
             atlas_labels = atlas_labels or recorded_labels
         atlas_volume, atlas_label_volume = load_subject(atlas_image, atlas_labels, self.table)
+        self.atlas_volume = atlas_volume
         self.atlas: PreparedSubject = prepare_volumes(
             atlas_volume, atlas_label_volume, data.crop_shape, data.factor, record["atlas"])
         self.atlas_image = atlas_volume.array
@@ -215,13 +297,22 @@ class Segmenter:
         """``(x, y, z, 3)`` forward field (a tensor) on the network grid for a prepared scan."""
         return self._predict_field(target.image[None, ..., None])
 
+    def prepare(self, image_path) -> PreparedSubject:
+        """Read a scan, check that this run can segment it and put it on the network grid.
+
+        Refuses (VolumeError naming the file) what ``data.io`` refuses, a constant image, and
+        a scan too small for the atlas' field of view (:func:`check_field_of_view`).
+        """
+        image = load_image(image_path)
+        check_field_of_view(image, self.atlas_volume)
+        data = self.config.data
+        return prepare_volumes(image, None, data.crop_shape, data.factor, subject_id(image_path))
+
     def segment(self, image_path) -> Segmentation:
         """Label map of one scan on its own grid, with the field in its voxels (Eq. 2)."""
         seconds = {}
         clock = time.perf_counter()
-        data = self.config.data
-        target = prepare_subject(image_path, None, data.crop_shape, data.factor,
-                                 subject=subject_id(image_path))
+        target = self.prepare(image_path)
         seconds["read_prepare"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -240,20 +331,20 @@ class Segmenter:
                             network_field=np.asarray(field_network))
 
     def segment_to_files(self, image_path, out_dir, save_warped_atlas=False,
-                         save_field=False) -> Segmentation:
-        """Segment one scan; write ``out_dir/<id>.nii.gz`` (label ids, the scan's grid and
-        header) and, if asked, ``out_dir/warped_atlas/<id>.nii.gz`` and
-        ``out_dir/forward_field/<id>.nii.gz`` (3 components, in voxels of the scan)."""
+                         save_field=False, name: Optional[str] = None) -> Segmentation:
+        """Segment one scan; write ``out_dir/<name>`` (label ids, the scan's grid and header;
+        ``name`` defaults to the subject id and :func:`output_suffix`) and, if asked,
+        ``out_dir/warped_atlas/<name>`` and ``out_dir/forward_field/<name>`` (3 components,
+        in voxels of the scan). Existing files are replaced: see :func:`plan_output_paths`."""
         result = self.segment(image_path)
         out_dir = Path(out_dir)
+        name = name or f"{result.subject}{output_suffix(image_path)}"
         clock = time.perf_counter()
-        save_volume(result.labels, out_dir / f"{result.subject}.nii.gz", result.affine,
-                    result.header)
+        save_volume(result.labels, out_dir / name, result.affine, result.header)
         if save_warped_atlas:
             save_volume(warp_image(self.atlas_image, result.sampling_positions),
-                        out_dir / "warped_atlas" / f"{result.subject}.nii.gz", result.affine)
+                        out_dir / WARPED_ATLAS_DIR / name, result.affine)
         if save_field:
-            save_volume(result.forward_field, out_dir / "forward_field" / f"{result.subject}.nii.gz",
-                        result.affine)
+            save_volume(result.forward_field, out_dir / FORWARD_FIELD_DIR / name, result.affine)
         result.seconds["write"] = time.perf_counter() - clock
         return result

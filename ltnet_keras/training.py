@@ -268,9 +268,12 @@ def _check_same_config(run_dir: Path, config: ExperimentConfig) -> None:
 
 def train(config: ExperimentConfig, run_dir, strategy=None, verbose: int = 1,
           data: Optional[TrainingData] = None) -> TrainResult:
-    """Train (or resume) the run in ``run_dir``; returns the model and the data it used."""
+    """Train (or resume) the run in ``run_dir``; returns the model and the data it used.
+
+    The configuration and every training file are checked before ``run_dir`` is created, so
+    a refused run leaves no run directory behind.
+    """
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     _check_same_config(run_dir, config)
     steps, log_every = config.train.steps, config.train.log_every
     if steps % log_every or config.train.checkpoint_every % log_every:
@@ -286,6 +289,7 @@ def train(config: ExperimentConfig, run_dir, strategy=None, verbose: int = 1,
     with strategy.scope():
         model = build_model(config, data.atlas.image.shape)
 
+    run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
     _write_json(run_dir / "environment.json", environment_record(config, strategy))
     _write_json(atlas_record, {

@@ -41,7 +41,7 @@ def prepare_subject(image_path, label_path=None, crop_shape=(160, 192, 160), fac
 def prepare_volumes(image: Volume, labels: Optional[Volume], crop_shape, factor,
                     subject: str = "") -> PreparedSubject:
     """:func:`prepare_subject` for volumes already loaded (and checked) by ``data.io``."""
-    normalised = normalise_intensity(image.array)
+    normalised = normalise_intensity(image.array, source=image.path)
     grid = GridSpec.centred_on(normalised, crop_shape, factor)
     return PreparedSubject(
         subject=subject or subject_id(image.path),
@@ -59,6 +59,18 @@ def subject_files(config: DataConfig, subjects: Sequence[str]) -> List[SubjectFi
     if missing:
         raise VolumeError(root, f"subjects {missing} not found (available: {sorted(available)})")
     return [available[s] for s in subjects]
+
+
+def check_subject_files(files: Sequence[SubjectFiles],
+                        table: Optional[LabelTable] = None) -> None:
+    """Read and check every image and label map of ``files`` so that a bad file in a data
+    folder is refused, by name, before any work starts (VolumeError): what ``data.io`` refuses
+    (unreadable, not 3D, NaN/inf, a label map on another grid than its image, ids absent from
+    ``table``) and images too constant to normalise. Label maps are checked even where only
+    the image will be used: a broken one is a sign of a broken folder, not to be ignored."""
+    for subject in files:
+        image, _ = load_subject(subject.image, subject.label, table)
+        normalise_intensity(image.array, source=image.path)
 
 
 def prepare_subjects(config: DataConfig, subjects: Sequence[str], with_labels: bool,
@@ -95,7 +107,10 @@ class TrainingData:
 
 
 def load_training_data(config: DataConfig, atlas: Optional[str] = None) -> TrainingData:
+    """The atlas (with labels) and the unlabelled pool of ``config.train_subjects``; every file
+    of those subjects is checked first (:func:`check_subject_files`)."""
     table = LabelTable.from_tsv(config.resolved_labels_tsv())
+    check_subject_files(subject_files(config, config.train_subjects), table)
     atlas = atlas or resolve_atlas(config)
     atlas_subject, = prepare_subjects(config, [atlas], with_labels=True, table=table)
     pool = [s for s in config.train_subjects if s != atlas]

@@ -22,12 +22,16 @@ from ltnet_keras.data.errors import VolumeError
 from ltnet_keras.data.labels import LabelTable
 
 __all__ = ["Volume", "SubjectFiles", "VolumeError", "EXTENSIONS", "load_image", "load_label_map",
-           "load_subject", "save_volume", "find_subjects", "subject_id"]
+           "load_subject", "check_same_grid", "grid_offset_mm", "save_volume", "find_subjects",
+           "subject_id"]
 
 # Longest first so that ".nii.gz" wins over ".gz"-less ".nii" matching.
 EXTENSIONS = (".nii.gz", ".nii", ".mgz", ".npz")
 WRITABLE = (".nii.gz", ".nii", ".mgz")
-AFFINE_ATOL = 1e-3
+# Two volumes are on the same grid when they have the same shape and no voxel centre moves by
+# more than this fraction of a voxel from one affine to the other: far below any real
+# misregistration, far above float round-off in headers written by different tools.
+GRID_TOLERANCE_VOXELS = 0.1
 _FORMAT_NAMES = {".npz": "numpy .npz archive", ".mgz": "FreeSurfer .mgz image"}
 
 # What nibabel, gzip, zlib and numpy raise on truncated, corrupt or foreign files.
@@ -47,6 +51,21 @@ class Volume:
     @property
     def shape(self) -> Tuple[int, int, int]:
         return tuple(self.array.shape)
+
+    @property
+    def voxel_size(self) -> Tuple[float, float, float]:
+        """Voxel edge lengths in mm along the array axes (the affine's column norms)."""
+        return tuple(float(v) for v in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+    @property
+    def field_of_view(self) -> Tuple[float, float, float]:
+        """Physical extent in mm along the world (scanner) x, y and z axes: the bounding box
+        of the volume's outer voxel faces, i.e. shape x voxel size for an axis-aligned grid
+        whatever its orientation (LAS, LIA, ...)."""
+        faces = np.array([[-0.5, n - 0.5] for n in self.shape])
+        corners = np.array(np.meshgrid(*faces, indexing="ij")).reshape(3, -1)
+        world = self.affine[:3, :3] @ corners
+        return tuple(float(v) for v in world.max(axis=1) - world.min(axis=1))
 
 
 @dataclass
@@ -155,15 +174,38 @@ def load_subject(image_path, label_path=None,
     if label_path is None:
         return image, None
     label = load_label_map(label_path)
-    if label.shape != image.shape:
-        raise VolumeError(label_path, f"label map shape {label.shape} does not match the image "
-                                      f"shape {image.shape} of {image_path}")
-    if not np.allclose(label.affine, image.affine, atol=AFFINE_ATOL):
-        raise VolumeError(label_path, "label map affine differs from the affine of the image "
-                                      f"{image_path}:\n{label.affine}\nvs\n{image.affine}")
+    check_same_grid(label, image, "label map", "image")
     if label_table is not None:
-        label_table.to_channels(label.array, source=str(label_path))
+        label_table.check_ids(label.array, source=str(label_path))
     return image, label
+
+
+def grid_offset_mm(shape, affine, reference_affine) -> float:
+    """Largest distance in mm between where ``affine`` and ``reference_affine`` put the same
+    voxel of a grid of ``shape``. The distance is affine in the voxel index, so its largest
+    value over the grid is at one of the grid's eight corners."""
+    corners = np.array(np.meshgrid(*[[0, n - 1] for n in shape], indexing="ij")).reshape(3, -1)
+    corners = np.vstack([corners, np.ones(corners.shape[1])])
+    moved = (np.asarray(affine, np.float64) - np.asarray(reference_affine, np.float64)) @ corners
+    return float(np.linalg.norm(moved[:3], axis=0).max())
+
+
+def check_same_grid(volume: Volume, reference: Volume, what: str, reference_what: str) -> None:
+    """Refuse ``volume`` unless it has the shape of ``reference`` and no voxel centre lies
+    farther than :data:`GRID_TOLERANCE_VOXELS` (of the reference's smallest voxel size) from
+    where the reference puts it; the message names both files and the offset in mm
+    (``what`` and ``reference_what`` say what each file is)."""
+    if volume.shape != reference.shape:
+        raise VolumeError(volume.path, f"{what} shape {volume.shape} does not match the "
+                                       f"{reference_what} shape {reference.shape} of "
+                                       f"{reference.path}")
+    offset = grid_offset_mm(volume.shape, volume.affine, reference.affine)
+    tolerance = GRID_TOLERANCE_VOXELS * min(reference.voxel_size)
+    if offset > tolerance:
+        raise VolumeError(volume.path, f"{what} affine differs from the affine of the "
+                                       f"{reference_what} {reference.path}: their voxel centres "
+                                       f"are up to {offset:.2f} mm apart (tolerance "
+                                       f"{tolerance:.2f} mm, {GRID_TOLERANCE_VOXELS} voxel)")
 
 
 def _storage_dtype(array, path) -> np.dtype:

@@ -65,14 +65,25 @@ class LabelTable:
     def n_channels(self) -> int:
         return len(self.ids) + 1
 
+    def unknown_ids(self, label_map) -> List[int]:
+        """Sorted ids of ``label_map`` that are neither background 0 nor in the table."""
+        present = np.unique(np.asarray(label_map))
+        return [int(v) for v in present
+                if v < 0 or v >= len(self._lookup) or self._lookup[int(v)] < 0]
+
+    def check_ids(self, label_map, source="", hint="") -> None:
+        """Refuse a label map holding ids absent from the table (VolumeError naming ``source``
+        and up to ten of the ids, then ``hint`` on what to do about it)."""
+        unknown = self.unknown_ids(label_map)
+        if unknown:
+            more = f" and {len(unknown) - 10} more" if len(unknown) > 10 else ""
+            raise VolumeError(source, f"label ids {unknown[:10]}{more} are not in the label "
+                                      "table" + (f"; {hint}" if hint else ""))
+
     def to_channels(self, label_map, source="") -> np.ndarray:
         """Map label ids to channel indices; ids absent from the table are an error."""
         label_map = np.asarray(label_map)
-        present = np.unique(label_map)
-        unknown = [int(v) for v in present
-                   if v < 0 or v >= len(self._lookup) or self._lookup[int(v)] < 0]
-        if unknown:
-            raise VolumeError(source, f"label ids {unknown[:10]} are not in the label table")
+        self.check_ids(label_map, source)
         return self._lookup[label_map.astype(np.int64)]
 
     def to_ids(self, channel_map) -> np.ndarray:

@@ -10,21 +10,27 @@ from typing import Tuple
 
 import numpy as np
 
+from ltnet_keras.data.errors import VolumeError
+
 __all__ = ["normalise_intensity", "brain_bbox", "check_network_shape", "GridSpec"]
 
 UNET_POOLINGS = 4
 
 
-def normalise_intensity(array, upper_percentile: float = 99.9) -> np.ndarray:
-    """Map the minimum to 0 and the ``upper_percentile`` to 1, clipping above: float32 in [0, 1]."""
+def normalise_intensity(array, upper_percentile: float = 99.9, source="") -> np.ndarray:
+    """Map the minimum to 0 and the ``upper_percentile`` to 1, clipping above: float32 in [0, 1].
+
+    An image that cannot be normalised (NaN/inf, or constant such as all zeros) raises a
+    :class:`VolumeError` (a ValueError) whose message starts with ``source``, the image's file.
+    """
     array = np.asarray(array, dtype=np.float32)
     if not np.all(np.isfinite(array)):
-        raise ValueError("cannot normalise an image with NaN or infinite voxels")
+        raise VolumeError(source, "cannot normalise an image with NaN or infinite voxels")
     low = float(array.min())
     high = float(np.percentile(array, upper_percentile))
     if high <= low:
-        raise ValueError(f"cannot normalise intensities: the image is constant (its minimum equals "
-                         f"its {upper_percentile}th percentile, {low})")
+        raise VolumeError(source, f"cannot normalise intensities: the image is constant (its "
+                                  f"minimum equals its {upper_percentile}th percentile, {low})")
     return np.clip((array - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 
