@@ -288,6 +288,9 @@ def train(config: ExperimentConfig, run_dir, strategy=None, verbose: int = 1,
     data = data or load_training_data(config.data, atlas=saved_atlas)
     with strategy.scope():
         model = build_model(config, data.atlas.image.shape)
+    # A resumed run restores G_F from its checkpoint; a new one may start from another run's.
+    if config.train.init_from and not tf.train.latest_checkpoint(str(run_dir / "checkpoints")):
+        initialise_forward_generator(model, config, data.atlas.subject)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
@@ -307,8 +310,6 @@ def train(config: ExperimentConfig, run_dir, strategy=None, verbose: int = 1,
     manager = tf.train.CheckpointManager(checkpoint, run_dir / "checkpoints", max_to_keep=2)
     if manager.latest_checkpoint:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    elif config.train.init_from:
-        initialise_forward_generator(model, config, data.atlas.subject)
     start = int(model.generator_optimizer.iterations.numpy())
     history = run_dir / "history.csv"
     _truncate_history(history, start)

@@ -242,6 +242,7 @@ def test_init_from_starts_forward_generator_from_another_run(lpba40_root, tmp_pa
     other = dataclasses.replace(other, data=dataclasses.replace(other.data, atlas="S12"))
     with pytest.raises(ValueError, match="atlas S11 != S12"):
         train(other, tmp_path / "lt_other", verbose=0)
+    assert not (tmp_path / "lt_other").exists(), "a refused run left a run directory"
     with pytest.raises(FileNotFoundError, match="missing"):
         train(config("ltnet", 0, init_from=str(tmp_path / "nowhere")), tmp_path / "lt3",
               verbose=0)
