@@ -87,13 +87,21 @@ class LossWeights:
 
 @dataclass
 class PenaltyConfig:
-    """Shapes of the robust penalties of Eq. (7), (8) and (10); the defaults are the paper's.
+    """How the cycle terms are computed: the robust penalties of Eq. (7), (8) and (10) and the
+    reconstruction of Eq. (5); the defaults are the paper's.
 
     ``cyc_eps = 0`` keeps Eq. (7)'s L1; ``cyc_eps > 0`` replaces it by the Charbonnier
     ``(x^2 + eps^2)^cyc_gamma``. Eq. (8) and (10) use ``rho(x) = (x^2 + eps^2)^gamma`` with
     ``eps = 0.001, gamma = 0.45``: L1-like, so its gradient does not vanish at the optimum.
     A larger eps (in voxels for Eq. (8), in label probability for Eq. (10)) makes rho quadratic
     near 0, so a nearly consistent cycle stops pulling the fields toward the identity.
+
+    ``reconstruction``: ``"two_warps"`` computes ``l_bar = (l o dp_F) o dp_B`` (Eq. 1 then
+    Eq. 5) and ``l_bar_s`` likewise, resampling twice; ``"composed"`` resamples ``l`` (and
+    ``l_s``) once through the composed field ``dp_B + dp_F(t + dp_B(t))``, the same map in the
+    continuum. Each linear resampling blurs, so with two of them ``l_bar != l`` even for exactly
+    inverse fields unless the displacements are whole voxels: the cycle terms then pull toward
+    zero fields whatever G_B does. One resampling of ``l`` has no such bias.
     """
     cyc_eps: float = 0.0
     cyc_gamma: float = 0.5
@@ -101,6 +109,7 @@ class PenaltyConfig:
     trans_gamma: float = 0.45
     diff_eps: float = 0.001
     diff_gamma: float = 0.45
+    reconstruction: str = "two_warps"
 
 
 @dataclass
@@ -125,6 +134,9 @@ class TrainConfig:
     instance_noise: float = 0.0
     # One-sided label smoothing: D's target for real scans is 1 - label_smoothing.
     label_smoothing: float = 0.0
+    # D's real scans pass through one linear resampling at a random sub-voxel shift, as the
+    # warped atlas passes through the warp, so interpolation blur does not tell them apart.
+    discriminator_resample_real: bool = False
     # A finished run directory whose forward_generator.h5 starts G_F (same grid and network).
     init_from: str = ""
     # G_F receives no gradient for the first N steps (G_B, D learn around a fixed G_F).
@@ -167,6 +179,7 @@ PRESETS: Dict[str, Dict[str, float]] = {
     "ltnet": {},
 }
 SEGMENT_INTERPOLATIONS = ("linear", "nearest")
+RECONSTRUCTIONS = ("two_warps", "composed")
 
 
 def _check_choice(value, valid, what):
@@ -242,7 +255,10 @@ def validate(config: ExperimentConfig) -> None:
         raise ValueError(f"train.discriminator_every must be >= 1, got {train.discriminator_every}")
     if not 0.0 <= train.label_smoothing < 1.0:
         raise ValueError(f"train.label_smoothing must be in [0, 1), got {train.label_smoothing}")
+    _check_choice(config.penalties.reconstruction, RECONSTRUCTIONS, "penalties.reconstruction")
     for name, value in dataclasses.asdict(config.penalties).items():
+        if name == "reconstruction":
+            continue
         if value < 0 or (name.endswith("gamma") and not 0.0 < value <= 1.0):
             raise ValueError(f"penalties.{name} = {value}: eps must be >= 0 and gamma in (0, 1]")
     if config.penalties.trans_eps == 0 or config.penalties.diff_eps == 0:

@@ -110,6 +110,15 @@ class LTNet(tf.keras.Model):
         """1. from ``first_step`` on (counting generator updates from 0), 0. before."""
         return tf.cast(self._step() >= first_step, tf.float32)
 
+    def _real_for_discriminator(self, target):
+        """The real scans D sees: as they are, or (``train.discriminator_resample_real``)
+        resampled once at a random constant sub-voxel shift per example."""
+        if not self.schedule.discriminator_resample_real:
+            return target
+        batch = tf.shape(target)[0]
+        shift = tf.random.uniform(tf.stack([batch, 1, 1, 1, 3]), -0.5, 0.5)
+        return self.warp_image([target, tf.zeros_like(target[..., :1]) + shift])
+
     def _discriminator_view(self, images):
         """What D sees: the images plus instance noise (``train.instance_noise``), if any."""
         noise = self.schedule.instance_noise
@@ -141,6 +150,13 @@ class LTNet(tf.keras.Model):
         out["cycle_inputs"] = seen
         backward_field = self.backward_generator([seen["warped_atlas"], atlas], training=training)
         out["backward_field"] = backward_field
+        if self.penalties.reconstruction == "composed":
+            # l o dp_F o dp_B in one resampling (see PenaltyConfig).
+            round_trip = losses.compose_fields(backward_field, seen["forward_field"])
+            out["reconstructed_atlas"] = self.warp_image([atlas, round_trip])
+            if self.uses_labels:
+                out["reconstructed_atlas_labels"] = self.warp_labels([atlas_labels, round_trip])
+            return out
         out["reconstructed_atlas"] = self.warp_image([seen["warped_atlas"], backward_field])
         if self.uses_labels:
             out["reconstructed_atlas_labels"] = self.warp_labels(
@@ -220,7 +236,8 @@ class LTNet(tf.keras.Model):
             fake = tf.stop_gradient(cycle["warped_atlas"])
             with tf.GradientTape() as tape:
                 discriminator_loss = losses.lsgan_discriminator_loss(
-                    self.discriminator(self._discriminator_view(target), training=True),
+                    self.discriminator(self._discriminator_view(
+                        self._real_for_discriminator(target)), training=True),
                     self.discriminator(self._discriminator_view(fake), training=True),
                     real_target=1.0 - self.schedule.label_smoothing)
                 replica_loss = self._replica_mean(discriminator_loss)
