@@ -3,8 +3,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from ltnet_keras.config import (PRESETS, SEGMENT_INTERPOLATIONS, DataConfig, apply_overrides,
-                                config_from_dict, default_data_root, load_config)
+from ltnet_keras.config import (ALIGN_MODES, PRESETS, SEGMENT_INTERPOLATIONS, DataConfig,
+                                apply_overrides, config_from_dict, default_data_root, load_config)
 from ltnet_keras.data.errors import VolumeError
 
 
@@ -73,14 +73,16 @@ def cmd_train(args):
 def cmd_segment(args):
     from tqdm import tqdm
 
-    from ltnet_keras.segment import Segmenter
+    from ltnet_keras.segment import Segmenter, output_paths
     segmenter = Segmenter(args.run, atlas_image=args.atlas_image, atlas_labels=args.atlas_labels,
-                          label_interp=args.label_interp)
+                          label_interp=args.label_interp, align=args.align)
     for image in tqdm(args.image, desc="segment", disable=len(args.image) < 2):
         result = segmenter.segment_to_files(image, args.out, args.save_warped_atlas,
-                                            args.save_field)
+                                            args.save_field, args.save_aligned)
         timing = ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items())
-        tqdm.write(f"{image} -> {Path(args.out) / (result.subject + '.nii.gz')} ({timing})")
+        total = sum(result.seconds.values())
+        written = output_paths(image, args.out, result.subject)["labels"]
+        tqdm.write(f"{image} -> {written} ({timing}; total {total:.2f}s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,6 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--atlas-labels", type=Path)
     p.add_argument("--save-warped-atlas", action="store_true")
     p.add_argument("--save-field", action="store_true")
+    p.add_argument("--align", choices=ALIGN_MODES, default="affine",
+                   help="affine (default): reorient, resample and register each scan affinely to "
+                   "the atlas (ANTs) and return the labels on the scan's own grid; none: the "
+                   "scans already are in the atlas' space")
+    p.add_argument("--save-aligned", action="store_true",
+                   help="also write the scan in atlas space (aligned/) to check the alignment")
     p.set_defaults(func=cmd_segment)
     return parser
 
