@@ -66,8 +66,8 @@ def voxel_map(source_affine, target_affine, world_transform=None) -> np.ndarray:
 
 def resample(array, target_to_source, target_shape, kind: str = "image") -> np.ndarray:
     """``array`` sampled at ``target_to_source @ t`` for every voxel ``t`` of ``target_shape``:
-    trilinear for ``"image"`` (float32), nearest for ``"label"`` (same dtype); outside the
-    source grid is 0 (background)."""
+    trilinear for ``"image"`` (float32), nearest for ``"label"`` (same dtype); beyond the
+    source's voxels (each reaching half a voxel past its centre) is 0 (background)."""
     from scipy.ndimage import affine_transform
     if kind not in ("image", "label"):
         raise ValueError(f"kind must be 'image' or 'label', not {kind!r}")
@@ -75,7 +75,7 @@ def resample(array, target_to_source, target_shape, kind: str = "image") -> np.n
     array = np.asarray(array)
     source = array.astype(np.float32, copy=False) if kind == "image" else array
     out = affine_transform(source, matrix[:3, :3], matrix[:3, 3], output_shape=tuple(target_shape),
-                           order=1 if kind == "image" else 0, mode="constant", cval=0,
+                           order=1 if kind == "image" else 0, mode="grid-constant", cval=0,
                            prefilter=False)
     return out if kind == "image" else out.astype(array.dtype, copy=False)
 
@@ -198,6 +198,9 @@ class RegistrationSettings:
     Registration at ``spacing`` mm (both images smoothed and resampled) with ANTs' own
     multi-resolution ``shrink_factors`` on top; ``transform`` is ANTs' ``type_of_transform``
     ("Affine": rigid + scale + shear after a centre-of-mass translation, "Rigid", "Similarity").
+    ``seed`` fixes the metric's sample positions: the result is then the same bit for bit on
+    one thread (``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1`` before ANTs loads) and within about
+    0.1 mm on several, where ITK's parallel sums change their order.
     """
     spacing: float = 3.0
     transform: str = "Affine"
@@ -206,7 +209,7 @@ class RegistrationSettings:
     shrink_factors: Tuple[int, ...] = (2, 1)
     smoothing_sigmas: Tuple[int, ...] = (1, 0)
     sampling_rate: float = 0.3
-    seed: int = 0
+    seed: int = 1
 
     def __post_init__(self):
         valid = ("Affine", "Rigid", "Similarity")
@@ -218,6 +221,9 @@ class RegistrationSettings:
                              "resolution level")
         if self.spacing <= 0:
             raise ValueError(f"registration spacing must be > 0 mm, not {self.spacing}")
+        if int(self.seed) != self.seed or self.seed < 1:
+            # ANTs reads --random-seed 0 as "seed from the clock".
+            raise ValueError(f"registration seed must be an integer >= 1, not {self.seed}")
 
 
 @dataclass
