@@ -69,13 +69,14 @@ def random_move(rng: np.random.Generator, volume: Volume, max_degrees: float = 1
                     centre=tuple(_world_centre(volume)))
 
 
-def conformed_grid(volume: Volume, shape=FREESURFER_SHAPE) -> Tuple[Tuple[int, int, int],
-                                                                    np.ndarray]:
-    """FreeSurfer's conformed grid (1 mm, LIA) centred on ``volume``'s field of view."""
+def conformed_grid(volume: Volume, shape=FREESURFER_SHAPE,
+                   spacing: float = 1.0) -> Tuple[Tuple[int, int, int], np.ndarray]:
+    """FreeSurfer's conformed grid (1 mm, LIA) centred on ``volume``'s field of view; other
+    ``shape`` / ``spacing`` give smaller LIA grids for tests."""
     affine = np.eye(4)
-    affine[:3, :3] = _LIA
+    affine[:3, :3] = _LIA * spacing
     middle = np.asarray(shape, np.float64) / 2.0      # FreeSurfer puts c_ras at voxel 128
-    affine[:3, 3] = _world_centre(volume) - _LIA @ middle
+    affine[:3, 3] = _world_centre(volume) - affine[:3, :3] @ middle
     return tuple(shape), affine
 
 
