@@ -134,8 +134,9 @@ def write_report(args, results, seconds, moves):
     means = {r: 100 * np.array([s.mean_structure for s in results[r]]) for r in rows}
     per_subject.append("| **mean (std)** | | " + " | ".join(
         f"**{means[r].mean():.1f}** ({means[r].std():.1f})" for r in rows) + " |")
-    lines = [f"# Segmenting moved scans: `--align affine` vs the scans in place", "",
-             f"Run `{args.run.name}` (atlas {json.loads((args.run / 'atlas.json').read_text())['atlas']}), "
+    atlas = json.loads((args.run / "atlas.json").read_text())["atlas"]
+    lines = ["# Segmenting moved scans: `--align affine` vs the scans in place", "",
+             f"Run `{args.run.name}` (atlas {atlas}), "
              f"held-out subjects {args.subjects[0]}-{args.subjects[-1]}; moves drawn with seed "
              f"{args.seed} (<= 10 deg about a random axis, <= 10 mm, scale 0.95-1.05), scans and "
              "labels resampled onto FreeSurfer's 256^3 1 mm LIA grid and stored as .mgz "
@@ -143,9 +144,9 @@ def write_report(args, results, seconds, moves):
              "the moved grid; unmoved rows against the original labels. Mean Dice (%) over the "
              "merged left/right structures.", "", *per_subject, ""]
     if "moved_aligned" in means and "unmoved_in_place" in means:
-        gap = means["moved_aligned"].mean() - means["unmoved_in_place"].mean()
-        lines += [f"Moved + `--align affine` minus unmoved in place: **{gap:+.2f}** Dice "
-                  f"points (per subject: {', '.join(f'{d:+.1f}' for d in means['moved_aligned'] - means['unmoved_in_place'])}).", ""]
+        gaps = means["moved_aligned"] - means["unmoved_in_place"]
+        lines += [f"Moved + `--align affine` minus unmoved in place: **{gaps.mean():+.2f}** Dice "
+                  f"points (per subject: {', '.join(f'{d:+.1f}' for d in gaps)}).", ""]
     if seconds:
         stages = [k for k in seconds[0] if k != "subject"]
         lines += ["Seconds per case, moved + `--align affine` (2 CPU cores shared with a "

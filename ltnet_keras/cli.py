@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "the atlas (ANTs) and return the labels on the scan's own grid; none: the "
                    "scans already are in the atlas' space")
     p.add_argument("--save-aligned", action="store_true",
-                   help="also write the scan in atlas space (aligned/) to check the alignment")
+                   help="with --align affine, also write the scan in atlas space and its "
+                   "alignment (OUT/aligned/) to check them")
     p.set_defaults(func=cmd_segment)
     return parser
 

@@ -18,7 +18,7 @@ from typing import Dict, Optional
 import numpy as np
 
 from ltnet_keras.align import (Alignment, AlignmentCache, RegistrationSettings,
-                               check_align_mode, to_atlas_space)
+                               check_align_mode, register_affine, to_atlas_space)
 from ltnet_keras.config import SEGMENT_INTERPOLATIONS, load_config
 from ltnet_keras.data.dataset import PreparedSubject, prepare_subject, prepare_volumes
 from ltnet_keras.data.errors import VolumeError
@@ -231,6 +231,8 @@ class Segmenter:
         self.registration = registration or RegistrationSettings()
         self.alignment_cache = None if alignment_cache is None else AlignmentCache(
             alignment_cache, self.registration)
+        if self.align == "affine":
+            import ants  # noqa: F401  (load ANTs now, not inside the first case's timing)
         self.table = LabelTable.from_ids(record["label_ids"])
         data = self.config.data
         if not (atlas_image and atlas_labels):
@@ -280,9 +282,9 @@ class Segmenter:
             j = (flat // box_shape[2]) % box_shape[1]
             i = flat // (box_shape[1] * box_shape[2])
             voxels = tf.cast(tf.stack([i, j, k], -1) + box_start, tf.float32)
-            points = (tf.linalg.matvec(scan_to_atlas[:3, :3], voxels) + scan_to_atlas[:3, 3])
-            positions = points + field_at_points(field_network, points, crop_start, factor) + offset
-            return warp_labels_tf(atlas_labels_tensor, positions, method)
+            points = tf.linalg.matvec(scan_to_atlas[:3, :3], voxels) + scan_to_atlas[:3, 3]
+            field_there = field_at_points(field_network, points, crop_start, factor)
+            return warp_labels_tf(atlas_labels_tensor, points + field_there + offset, method)
 
         self._predict_field = predict_field
         self._transfer = transfer
@@ -324,7 +326,6 @@ class Segmenter:
 
     def alignment(self, scan) -> Alignment:
         """The affine registration of a loaded scan to the atlas (from the cache if kept)."""
-        from ltnet_keras.align import register_affine
         if self.alignment_cache is not None:
             return self.alignment_cache.alignment(scan, self.atlas_volume)
         return register_affine(scan, self.atlas_volume, self.registration)

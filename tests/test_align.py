@@ -130,6 +130,23 @@ def test_registration_image_is_the_block_mean_on_the_atlas_axes(codes, spacing):
     np.testing.assert_allclose(coarse.affine @ [1, 2, 3, 1.0], centre, atol=1e-9)
 
 
+def test_registration_image_of_an_oblique_scan_keeps_things_where_they_are():
+    """An obliquely stored scan (axes turned 15 degrees, 1.3 mm voxels) is straightened onto
+    the atlas' axes at 3 mm: a blob stays at its world position."""
+    affine = HeadMove((0.0, 1.0, 0.0), 15.0, (0.0, 0.0, 0.0), 1.0, (0.0, 0.0, 0.0)).matrix
+    affine = affine @ np.diag([1.3, 1.3, 1.3, 1.0])
+    affine[:3, 3] = (5.0, -8.0, 2.0)
+    blob_voxel = np.array([14.0, 20.0, 11.0])
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in (30, 36, 28)], indexing="ij"), -1)
+    image = np.exp(-np.sum((grid - blob_voxel) ** 2, -1) / (2 * 3.0 ** 2)).astype(np.float32)
+    coarse = align.registration_image(Volume(image, affine, None, "x"), ("L", "P", "S"), 3.0)
+    assert align.axis_codes(coarse.affine) == ("L", "P", "S")
+    np.testing.assert_allclose(np.abs(coarse.affine[:3, :3]), 3.0 * np.eye(3))
+    weights = coarse.array / coarse.array.sum()
+    centre = world_of(coarse.affine, coarse.shape).reshape(-1, 3).T @ weights.ravel()
+    np.testing.assert_allclose(centre, (affine @ np.append(blob_voxel, 1.0))[:3], atol=0.5)
+
+
 # ------------------------------------------------------------------------------ moves, ANTs
 
 def test_head_move_is_a_similarity_about_its_centre():
