@@ -352,39 +352,50 @@ def committed_run(lpba40_root):
     return COMMITTED_RUN
 
 
+@pytest.fixture(scope="module")
+def segmenters(committed_run):
+    """The committed run loaded once for each alignment mode."""
+    from ltnet_keras.segment import Segmenter
+    return {align: Segmenter(committed_run, align=align) for align in ("none", "affine")}
+
+
+@pytest.fixture(scope="module")
+def s31_in_place(segmenters, lpba40_root):
+    """S31 as distributed (in the atlas' space), segmented without alignment."""
+    return segmenters["none"].segment(lpba40_root / "images" / "S31.nii.gz")
+
+
 @pytest.mark.slow
-def test_exactly_reoriented_scan_gets_the_in_place_labels(committed_run, lpba40_root, tmp_path):
+def test_exactly_reoriented_scan_gets_the_in_place_labels(segmenters, s31_in_place, lpba40_root,
+                                                          tmp_path, monkeypatch):
     """The scan stored LIA without interpolation and aligned by the identity: the aligned path
     (inverse affine + field in one lookup) must give the in-place labels, reoriented."""
-    from ltnet_keras.segment import Segmenter
     source = load_image(lpba40_root / "images" / "S31.nii.gz")
     lia = reorient(source, ("L", "I", "A"))
     path = save_volume(lia.array, tmp_path / "S31.nii.gz", lia.affine)
-    segmenter = Segmenter(committed_run, align="affine")
-    segmenter.alignment = lambda scan: Alignment.identity(scan, source.shape, source.affine)
+    segmenter = segmenters["affine"]
+    monkeypatch.setattr(segmenter, "alignment",
+                        lambda scan: Alignment.identity(scan, source.shape, source.affine))
     result = segmenter.segment_to_files(path, tmp_path / "out")
     written = nib.load(str(tmp_path / "out" / "S31.nii.gz"))        # .nii.gz in, .nii.gz out
     assert written.shape == lia.shape
     np.testing.assert_allclose(written.affine, lia.affine, atol=1e-5)
-    in_place = Segmenter(committed_run, align="none").segment(lpba40_root / "images"
-                                                              / "S31.nii.gz")
     back = reorient(Volume(np.asarray(written.dataobj), written.affine, None, "x"),
                     ("L", "P", "S"))
-    agreement = np.mean(back.array == in_place.labels)
+    agreement = np.mean(back.array == s31_in_place.labels)
     assert agreement > 0.9999, agreement
     assert result.forward_field.shape == source.shape + (3,)
 
 
 @pytest.mark.slow
-def test_moved_mgz_scan_segments_like_the_unmoved_one(committed_run, lpba40_root, tmp_path):
+def test_moved_mgz_scan_segments_like_the_unmoved_one(segmenters, s31_in_place, lpba40_root,
+                                                      tmp_path):
     """A shipped scan moved in the scanner (8 deg, 7 mm, 4 %) and stored as FreeSurfer does
-    (256^3 LIA .mgz): --align affine gives a .mgz on its own grid within 1 Dice point of the
-    unmoved scan (segmented in place)."""
-    from ltnet_keras import cli
+    (256^3 LIA .mgz): aligned, it gives a .mgz on its own grid within 1 Dice point of the
+    unmoved scan segmented in place."""
     from ltnet_keras.data.io import load_subject
     from ltnet_keras.data.labels import LabelTable
     from ltnet_keras.evaluation import evaluate_pair
-    from ltnet_keras.segment import Segmenter
     table = LabelTable.from_tsv(lpba40_root / "labels.tsv")
     image, labels = load_subject(lpba40_root / "images" / "S31.nii.gz",
                                  lpba40_root / "labels" / "S31.nii.gz")
@@ -394,19 +405,17 @@ def test_moved_mgz_scan_segments_like_the_unmoved_one(committed_run, lpba40_root
     save_volume(move_volume(image, move, shape, affine).array, tmp_path / "S31.mgz", affine)
     moved_labels = move_volume(labels, move, shape, affine, "label").array
 
-    code = cli.main(["segment", "--run", str(committed_run), "--image",
-                     str(tmp_path / "S31.mgz"), "--out", str(tmp_path / "out"), "--save-aligned"])
-    assert code == 0
+    segmenters["affine"].segment_to_files(tmp_path / "S31.mgz", tmp_path / "out",
+                                          save_aligned=True)
     written = nib.load(str(tmp_path / "out" / "S31.mgz"))
     assert isinstance(written, nib.MGHImage) and written.shape == (256, 256, 256)
     np.testing.assert_allclose(written.affine, affine, atol=1e-4)
     assert np.issubdtype(written.get_data_dtype(), np.integer)
-    assert (tmp_path / "out" / "aligned" / "S31.mgz").exists()
+    aligned = nib.load(str(tmp_path / "out" / "aligned" / "S31.mgz"))
+    assert aligned.shape == image.shape                                  # the atlas grid
     moved_dice = evaluate_pair(np.asarray(written.dataobj), moved_labels, table).mean_structure
 
-    in_place = Segmenter(committed_run, align="none").segment(lpba40_root / "images"
-                                                              / "S31.nii.gz")
-    in_place_dice = evaluate_pair(in_place.labels, labels.array, table).mean_structure
+    in_place_dice = evaluate_pair(s31_in_place.labels, labels.array, table).mean_structure
     assert in_place_dice > 0.65
     assert abs(moved_dice - in_place_dice) < 0.01, (moved_dice, in_place_dice)
 
