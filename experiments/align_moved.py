@@ -79,6 +79,7 @@ def make_moved(args) -> dict:
 def main(argv=None):
     from ltnet_keras.segment import Segmenter
     args = parse_args(argv)
+    load_before = os.getloadavg()
     moves = make_moved(args)
     segmenters = {}
     config = None
@@ -110,17 +111,19 @@ def main(argv=None):
                 seconds.append({"subject": sid, **result.seconds, "total": total})
         results[row] = scores
         evaluation.write_scores_csv(scores, args.out / f"scores_{row}.csv")
-    write_report(args, results, seconds, moves)
+    load = {"before": load_before, "after": os.getloadavg()}
+    write_report(args, results, seconds, moves, load)
     registration = dataclasses.asdict(segmenters["affine"].registration) \
         if "affine" in segmenters else None
     write_provenance(args.out, "align_moved", {"run": config}, extra={
         "run_dir": str(args.run), "move_seed": args.seed, "moves": moves,
         "registration": registration, "itk_threads": os.environ.get(
-            "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"), "label_interp": config.segment.label_interp})
+            "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"), "label_interp": config.segment.label_interp,
+        "load_average_1_5_15_min": load})
     return 0
 
 
-def write_report(args, results, seconds, moves):
+def write_report(args, results, seconds, moves, load):
     args.out.mkdir(parents=True, exist_ok=True)
     rows = list(results)
     per_subject = ["| subject | move | " + " | ".join(rows) + " |",
@@ -149,8 +152,10 @@ def write_report(args, results, seconds, moves):
                   f"points (per subject: {', '.join(f'{d:+.1f}' for d in gaps)}).", ""]
     if seconds:
         stages = [k for k in seconds[0] if k != "subject"]
-        lines += ["Seconds per case, moved + `--align affine` (2 CPU cores shared with a "
-                  "training; first case includes tracing/compiling):", "",
+        lines += [f"Seconds per case, moved + `--align affine`, ANTs on one ITK thread, on 2 CPU "
+                  f"cores shared with other jobs (load average {load['before'][0]:.1f} before, "
+                  f"{load['after'][0]:.1f} after; the first case includes TensorFlow's tracing "
+                  "and XLA compilation):", "",
                   "| stage | mean | min | max |", "|---|---:|---:|---:|"]
         for stage in stages:
             values = np.array([s.get(stage, 0.0) for s in seconds])
