@@ -152,10 +152,15 @@ def write_report(args, results, seconds, moves, load):
                   f"points (per subject: {', '.join(f'{d:+.1f}' for d in gaps)}).", ""]
     if seconds:
         stages = [k for k in seconds[0] if k != "subject"]
+        warm = "unmoved_aligned" in rows and rows.index("unmoved_aligned") < rows.index(
+            "moved_aligned")
         lines += [f"Seconds per case, moved + `--align affine`, ANTs on one ITK thread, on 2 CPU "
                   f"cores shared with other jobs (load average {load['before'][0]:.1f} before, "
-                  f"{load['after'][0]:.1f} after; the first case includes TensorFlow's tracing "
-                  "and XLA compilation):", "",
+                  f"{load['after'][0]:.1f} after; " + (
+                      "the segmenter had already run the unmoved scans, so TensorFlow's tracing "
+                      "and XLA compilation (about 2.5 s, once per process) are not in here):"
+                      if warm else "the first case includes TensorFlow's tracing and XLA "
+                      "compilation, about 2.5 s once per process):"), "",
                   "| stage | mean | min | max |", "|---|---:|---:|---:|"]
         for stage in stages:
             values = np.array([s.get(stage, 0.0) for s in seconds])
