@@ -4,8 +4,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from ltnet_keras.config import (PRESETS, SEGMENT_INTERPOLATIONS, DataConfig, apply_overrides,
-                                config_from_dict, default_data_root, load_config)
+from ltnet_keras.config import (ALIGN_MODES, PRESETS, SEGMENT_INTERPOLATIONS, DataConfig,
+                                apply_overrides, config_from_dict, default_data_root, load_config)
 from ltnet_keras.data.errors import VolumeError
 from ltnet_keras.evaluation import UNKNOWN_LABELS
 
@@ -81,23 +81,25 @@ def cmd_train(args):
 def cmd_segment(args):
     from tqdm import tqdm
 
-    from ltnet_keras.segment import (FORWARD_FIELD_DIR, WARPED_ATLAS_DIR, Segmenter,
-                                     plan_output_paths)
-    side_folders = ([WARPED_ATLAS_DIR] if args.save_warped_atlas else []) + (
-        [FORWARD_FIELD_DIR] if args.save_field else [])
-    outputs = plan_output_paths(args.image, args.out, args.overwrite, side_folders)
+    from ltnet_keras.segment import Segmenter, plan_output_paths
+    extras = [key for key, wanted in (("warped_atlas", args.save_warped_atlas),
+                                      ("forward_field", args.save_field),
+                                      ("aligned", args.save_aligned),
+                                      ("alignment", args.save_aligned)) if wanted]
+    plans = plan_output_paths(args.image, args.out, args.overwrite, extras)
     segmenter = Segmenter(args.run, atlas_image=args.atlas_image, atlas_labels=args.atlas_labels,
-                          label_interp=args.label_interp)
+                          label_interp=args.label_interp, align=args.align)
     # Every scan is read and checked before the first output is written, so a bad file in a
     # batch leaves no partial results behind (each scan is read once more to segment it).
     for image in tqdm(args.image, desc="check", disable=len(args.image) < 2):
         segmenter.prepare(image)
-    for image, output in tqdm(list(zip(args.image, outputs)), desc="segment",
-                              disable=len(args.image) < 2):
+    for image, paths in tqdm(list(zip(args.image, plans)), desc="segment",
+                             disable=len(args.image) < 2):
         result = segmenter.segment_to_files(image, args.out, args.save_warped_atlas,
-                                            args.save_field, name=output.name)
+                                            args.save_field, args.save_aligned, paths=paths)
         timing = ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items())
-        tqdm.write(f"{image} -> {output} ({timing})")
+        total = sum(result.seconds.values())
+        tqdm.write(f"{image} -> {paths['labels']} ({timing}; total {total:.2f}s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -156,6 +158,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-field", action="store_true")
     p.add_argument("--overwrite", action="store_true",
                    help="replace output files that exist already (default: refuse)")
+    p.add_argument("--align", choices=ALIGN_MODES, default="affine",
+                   help="affine (default): reorient, resample and register each scan affinely to "
+                   "the atlas (ANTs) and return the labels on the scan's own grid; none: the "
+                   "scans already are in the atlas' space")
+    p.add_argument("--save-aligned", action="store_true",
+                   help="with --align affine, also write the scan in atlas space and its "
+                   "alignment (OUT/aligned/) to check them")
     p.set_defaults(func=cmd_segment)
     return parser
 

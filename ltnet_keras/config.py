@@ -26,6 +26,9 @@ class DataConfig:
 
     ``atlas``: a subject id, or ``"auto"`` for the training scan closest to the pool's average.
     ``train_subjects`` are used WITHOUT labels; ``val_subjects`` labels serve only evaluation.
+    ``align``: ``"none"`` when the scans already share the atlas' space (LPBA40); ``"affine"``
+    registers every scan affinely to the atlas first (ANTs; cached in the run directory), so a
+    folder of raw scans in any orientation, voxel size and head position trains.
     """
     root: str = ""
     labels_tsv: str = ""
@@ -34,6 +37,7 @@ class DataConfig:
     val_subjects: List[str] = field(default_factory=lambda: [f"S{i}" for i in range(31, 41)])
     crop_shape: Tuple[int, int, int] = (160, 192, 160)
     factor: int = 2
+    align: str = "none"
 
     def resolved_root(self) -> Path:
         return Path(self.root) if self.root else default_data_root()
@@ -180,6 +184,7 @@ PRESETS: Dict[str, Dict[str, float]] = {
 }
 SEGMENT_INTERPOLATIONS = ("linear", "nearest")
 RECONSTRUCTIONS = ("two_warps", "composed")
+ALIGN_MODES = ("none", "affine")
 
 
 def _check_choice(value, valid, what):
@@ -232,6 +237,11 @@ def config_from_dict(values: dict, where="config") -> ExperimentConfig:
 def validate(config: ExperimentConfig) -> None:
     _check_choice(config.segment.label_interp, SEGMENT_INTERPOLATIONS, "segment.label_interp")
     _check_choice(config.network.disc_norm, ("instance", "batch", "none"), "network.disc_norm")
+    _check_choice(config.data.align, ALIGN_MODES, "data.align")
+    if config.data.align != "none" and config.data.atlas == "auto":
+        # select_atlas compares scans voxel by voxel, which only means something once they
+        # share a space, and aligning them needs the atlas: name it.
+        raise ValueError("data.align: affine needs data.atlas set to a subject id, not 'auto'")
     if config.data.factor < 1:
         raise ValueError(f"data.factor must be >= 1, got {config.data.factor}")
     for size in config.data.crop_shape:

@@ -47,8 +47,11 @@ def segment_and_score(run_dir, config: ExperimentConfig, subjects: List[str],
     """Segment ``subjects`` with the run's G_F and score them against their manual labels;
     each subject's scores carry the folding statistics of its network-grid forward field."""
     from ltnet_keras.segment import Segmenter
+    from ltnet_keras.training import ALIGNED_DIR
     table = LabelTable.from_tsv(config.data.resolved_labels_tsv())
-    segmenter = Segmenter(run_dir, label_interp=label_interp)
+    # Held-out scans are aligned once (kept beside the pool's) and scored on their own grid.
+    cache = Path(run_dir) / ALIGNED_DIR if config.data.align != "none" else None
+    segmenter = Segmenter(run_dir, label_interp=label_interp, alignment_cache=cache)
     out_dir = Path(out_dir or Path(run_dir) / "segmentations" / label_interp)
     scores = []
     for files in tqdm(subject_files(config.data, subjects), desc=f"segment ({label_interp})"):
@@ -87,7 +90,8 @@ def run_experiment(config: ExperimentConfig, run_dir, verbose: int = 1,
     atlas = result.data.atlas.subject
     subjects = list(config.data.val_subjects)
     results = {}
-    if baseline:
+    if baseline and config.data.align == "none":
+        # Raw scans in their own spaces have no "unregistered" overlap with the atlas to report.
         results["no_registration"] = no_registration_scores(config, atlas, subjects)
     for interp in label_interps:
         results[f"{config.preset}_{interp}"] = segment_and_score(run_dir, config, subjects,

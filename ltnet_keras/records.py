@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 RECORDED_PACKAGES = ("ltnet-keras", "tensorflow", "tf-keras", "voxelmorph", "neurite", "numpy",
-                     "scipy", "nibabel", "matplotlib")
+                     "scipy", "nibabel", "matplotlib", "antspyx")
 
 
 def atomic_write_text(path, text: str) -> Path:

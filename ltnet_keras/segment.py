@@ -3,6 +3,11 @@
 The network predicts the forward field on the network grid; it is brought to the scan's own
 grid (up-sampled, in original voxels) and the full-resolution atlas label map is warped there,
 so the output has the scan's shape, affine and header and holds the atlas' label ids.
+
+With ``align="affine"`` the scan is first registered affinely to the atlas and resampled onto
+the atlas grid (:mod:`ltnet_keras.align`); G_F runs there, and each voxel of the scan's own
+grid looks up the atlas labels through the inverse affine and the forward field, so the labels
+are resampled once, straight from the atlas onto the scan's grid.
 """
 import json
 import os
@@ -14,15 +19,20 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from ltnet_keras.align import (Alignment, AlignmentCache, RegistrationSettings,
+                               check_align_mode, register_affine, to_atlas_space)
 from ltnet_keras.config import SEGMENT_INTERPOLATIONS, load_config
 from ltnet_keras.data.dataset import PreparedSubject, prepare_volumes
 from ltnet_keras.data.errors import VolumeError
-from ltnet_keras.data.io import Volume, load_image, load_subject, save_volume, subject_id
+from ltnet_keras.data.io import (Volume, load_image, load_subject, output_suffix, save_volume,
+                                 subject_id)
 from ltnet_keras.data.labels import LabelTable
+from ltnet_keras.data.preprocess import brain_bbox
 
 # Sub-folders of the output folder for the optional outputs of segment_to_files.
 WARPED_ATLAS_DIR = "warped_atlas"
 FORWARD_FIELD_DIR = "forward_field"
+ALIGNED_DIR = "aligned"
 # A scan is refused when, along any world axis, it covers less than this fraction of the
 # atlas' field of view: the network was trained on whole heads cropped to the atlas' extent,
 # and a slab or a thumbnail cannot be registered to it (it would still get a label map, made
@@ -71,6 +81,31 @@ def field_to_grid(field, original_shape, crop_start, factor):
         inside_masks.append(tf.reshape(tf.cast(inside, tf.float32), shape))
     mask = inside_masks[0] * inside_masks[1] * inside_masks[2]
     return out * tf.cast(factor, tf.float32) * mask
+
+
+def field_at_points(field, points, crop_start, factor):
+    """Network-grid field ``(x, y, z, 3)`` at continuous original-grid ``points`` ``(N, 3)``
+    -> ``(N, 3)`` in original voxels (TF): :func:`field_to_grid` at arbitrary points (the
+    same trilinear interpolation between block centres, zero outside the crop)."""
+    import tensorflow as tf
+    f = tf.cast(factor, tf.float32)
+    size = tf.shape(field)[:3]
+    top = tf.cast(size - 1, tf.float32)
+    cropped = points - tf.cast(crop_start, tf.float32)
+    q = tf.clip_by_value((cropped - (f - 1.0) / 2.0) / f, 0.0, top)
+    lower = tf.minimum(tf.cast(tf.floor(q), tf.int32), tf.maximum(size - 2, 0))
+    upper = tf.minimum(lower + 1, size - 1)
+    weight = q - tf.cast(lower, tf.float32)
+    out = 0.0
+    for corner in range(8):
+        pick = [(corner >> (2 - axis)) & 1 for axis in range(3)]
+        index = tf.stack([upper[..., a] if pick[a] else lower[..., a] for a in range(3)], -1)
+        corner_weight = 1.0
+        for a in range(3):
+            corner_weight *= weight[..., a] if pick[a] else 1.0 - weight[..., a]
+        out += tf.gather_nd(field, index) * corner_weight[..., None]
+    inside = tf.reduce_all((cropped >= 0.0) & (cropped < f * tf.cast(size, tf.float32)), -1)
+    return out * f * tf.cast(inside, tf.float32)[..., None]
 
 
 def sampling_grid(shape):
@@ -137,7 +172,11 @@ def warp_image(image, positions) -> np.ndarray:
 
 @dataclass
 class Segmentation:
-    """One scan's result on its own grid ``(X, Y, Z)``."""
+    """One scan's result: ``labels`` on its own grid ``(X, Y, Z)`` with its affine and header.
+
+    ``forward_field`` ``(x', y', z', 3)`` lives where G_F ran: the scan's own grid, or with an
+    ``alignment`` the atlas grid, where ``aligned_image`` is the scan moved into atlas space.
+    """
     subject: str
     labels: np.ndarray
     affine: np.ndarray
@@ -145,20 +184,18 @@ class Segmentation:
     forward_field: np.ndarray
     atlas_offset: np.ndarray
     seconds: Dict[str, float] = field(default_factory=dict)
+    alignment: Optional[Alignment] = None
+    aligned_image: Optional[np.ndarray] = None
     #: The field as G_F predicted it, ``(x, y, z, 3)`` in voxels of the network grid.
     network_field: Optional[np.ndarray] = None
 
     @property
     def sampling_positions(self) -> np.ndarray:
-        """``(X, Y, Z, 3)``: where each voxel of the scan samples the atlas (atlas voxels)."""
+        """``(x', y', z', 3)``: where each voxel of the forward field's grid samples the atlas
+        (atlas voxels)."""
         grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32)
-                                      for n in self.labels.shape], indexing="ij"), -1)
+                                      for n in self.forward_field.shape[:3]], indexing="ij"), -1)
         return grid + self.forward_field + self.atlas_offset
-
-
-def output_suffix(image_path) -> str:
-    """File type of the label map written for a scan (NIfTI, whatever the scan's type)."""
-    return ".nii.gz"
 
 
 def _distinct_names(images: Sequence[Path]) -> List[str]:
@@ -176,27 +213,41 @@ def _distinct_names(images: Sequence[Path]) -> List[str]:
     return names
 
 
-def plan_output_paths(images, out_dir, overwrite=False, side_folders=()) -> List[Path]:
-    """Where ``ltnet segment`` writes the label map of each scan: ``out_dir/<name><suffix>``.
+def output_paths(image_path, out_dir, name: str) -> Dict[str, Path]:
+    """Where :meth:`Segmenter.segment_to_files` writes the results for ``image_path``, every
+    volume in the input's format (``.mgz`` in, ``.mgz`` out; see :func:`io.output_suffix`).
+    ``name``: the base name, the subject id or a name from :func:`plan_output_paths`."""
+    out_dir = Path(out_dir)
+    ext = output_suffix(image_path)
+    return {"labels": out_dir / f"{name}{ext}",
+            "warped_atlas": out_dir / WARPED_ATLAS_DIR / f"{name}{ext}",
+            "forward_field": out_dir / FORWARD_FIELD_DIR / f"{name}{ext}",
+            "aligned": out_dir / ALIGNED_DIR / f"{name}{ext}",
+            "alignment": out_dir / ALIGNED_DIR / f"{name}.json"}
+
+
+def plan_output_paths(images, out_dir, overwrite=False,
+                      extras: Sequence[str] = ()) -> List[Dict[str, Path]]:
+    """:func:`output_paths` of each scan for ``ltnet segment``, with distinct names.
 
     Refuses (VolumeError), before anything is written: a scan given twice, two scans that
     would get the same output, an output that would replace one of the scans, and unless
-    ``overwrite`` an output that exists already, including those in ``side_folders`` (the
-    sub-folders of ``out_dir`` that get a file of the same name, e.g. ``warped_atlas``).
+    ``overwrite`` an output that exists already, the label maps' and those of ``extras`` (the
+    other keys of :func:`output_paths` that will be written, e.g. ``"warped_atlas"``).
     """
     # Absolute, not resolved: a symlinked scan keeps its own folder names.
     images = [Path(os.path.abspath(path)) for path in images]
     given_twice = [path for path, count in Counter(images).items() if count > 1]
     if given_twice:
         raise VolumeError(given_twice[0], "this scan is given more than once")
-    out_dir = Path(out_dir)
-    outputs = [out_dir / f"{name}{output_suffix(image)}"
-               for name, image in zip(_distinct_names(images), images)]
+    plans = [output_paths(image, out_dir, name)
+             for name, image in zip(_distinct_names(images), images)]
+    outputs = [plan["labels"] for plan in plans]
     for output, count in Counter(outputs).items():
         if count > 1:
             clash = [str(image) for image, o in zip(images, outputs) if o == output]
             raise VolumeError(output, f"scans {clash} would all be written here; rename them")
-    written = outputs + [o.parent / folder / o.name for folder in side_folders for o in outputs]
+    written = outputs + [plan[key] for key in extras for plan in plans]
     replaced = [path for path in written if Path(os.path.abspath(path)) in set(images)]
     if replaced:
         raise VolumeError(replaced[0], "the output would replace this input scan; choose "
@@ -205,7 +256,7 @@ def plan_output_paths(images, out_dir, overwrite=False, side_folders=()) -> List
     if existing and not overwrite:
         raise VolumeError(existing[0], f"output exists already ({len(existing)} of the outputs "
                                        "do); pass --overwrite to replace them")
-    return outputs
+    return plans
 
 
 def check_field_of_view(image: Volume, atlas: Volume) -> None:
@@ -240,11 +291,23 @@ def _recorded_atlas(record: dict, data) -> tuple:
     return str(found.image), str(found.label)
 
 
+# Scan voxels per call of the label transfer through an alignment: a fixed size compiles once
+# for every scan shape and bounds the memory of the 8-corner vote (~100 MB a chunk).
+TRANSFER_CHUNK = 1 << 20
+
+
 class Segmenter:
-    """Loads a run's G_F and atlas once, then segments scans one after another."""
+    """Loads a run's G_F and atlas once, then segments scans one after another.
+
+    ``align``: ``"none"`` for scans already in the atlas' space, ``"affine"`` to register each
+    scan to the atlas first (default: the run's ``data.align``). ``alignment_cache``: a folder
+    where alignments are kept and reused (the run directory's ``aligned/`` during experiments).
+    """
 
     def __init__(self, run_dir, atlas_image=None, atlas_labels=None,
-                 label_interp: Optional[str] = None, jit_compile: bool = False):
+                 label_interp: Optional[str] = None, jit_compile: bool = False,
+                 align: Optional[str] = None,
+                 registration: Optional[RegistrationSettings] = None, alignment_cache=None):
         import tensorflow as tf
 
         from ltnet_keras.models.generators import make_generator
@@ -258,6 +321,12 @@ class Segmenter:
         record = json.loads((run_dir / "atlas.json").read_text())
         self.label_interp = label_interp or self.config.segment.label_interp
         _check_method(self.label_interp)
+        self.align = check_align_mode(align or self.config.data.align)
+        self.registration = registration or RegistrationSettings()
+        self.alignment_cache = None if alignment_cache is None else AlignmentCache(
+            alignment_cache, self.registration)
+        if self.align == "affine":
+            import ants  # noqa: F401  (load ANTs now, not inside the first case's timing)
         self.table = LabelTable.from_ids(record["label_ids"])
         data = self.config.data
         if not (atlas_image and atlas_labels):
@@ -270,6 +339,8 @@ class Segmenter:
             atlas_volume, atlas_label_volume, data.crop_shape, data.factor, record["atlas"])
         self.atlas_image = atlas_volume.array
         self.atlas_labels = atlas_label_volume.array
+        first, stop = brain_bbox(self.atlas_labels > 0)
+        self._labelled_box = (np.array(first, np.float64), np.array(stop, np.float64) - 1.0)
         self.generator = make_generator(self.atlas.image.shape, self.config.network,
                                         "forward_generator")
         self.generator.load_weights(str(run_dir / FORWARD_WEIGHTS))
@@ -290,8 +361,29 @@ class Segmenter:
             positions = sampling_grid(original_shape) + forward_field + offset
             return warp_labels_tf(atlas_labels_tensor, positions, method), forward_field
 
+        @tf.function(jit_compile=True)
+        def field_on_grid(field_network, original_shape, crop_start):
+            return field_to_grid(field_network, original_shape, crop_start, factor)
+
+        # One chunk of scan voxels (flat indices into the box ``box_start + [0, box_shape)``):
+        # scan voxel -> atlas-grid point (inverse affine) -> + forward field -> atlas labels.
+        @tf.function(jit_compile=True)
+        def transfer_through(field_network, scan_to_atlas, box_start, box_shape, first,
+                             crop_start, offset):
+            flat = tf.minimum(first + tf.range(TRANSFER_CHUNK, dtype=tf.int32),
+                              tf.reduce_prod(box_shape) - 1)
+            k = flat % box_shape[2]
+            j = (flat // box_shape[2]) % box_shape[1]
+            i = flat // (box_shape[1] * box_shape[2])
+            voxels = tf.cast(tf.stack([i, j, k], -1) + box_start, tf.float32)
+            points = tf.linalg.matvec(scan_to_atlas[:3, :3], voxels) + scan_to_atlas[:3, 3]
+            field_there = field_at_points(field_network, points, crop_start, factor)
+            return warp_labels_tf(atlas_labels_tensor, points + field_there + offset, method)
+
         self._predict_field = predict_field
         self._transfer = transfer
+        self._field_on_grid = field_on_grid
+        self._transfer_through = transfer_through
 
     def forward_field(self, target: PreparedSubject):
         """``(x, y, z, 3)`` forward field (a tensor) on the network grid for a prepared scan."""
@@ -309,7 +401,13 @@ class Segmenter:
         return prepare_volumes(image, None, data.crop_shape, data.factor, subject_id(image_path))
 
     def segment(self, image_path) -> Segmentation:
-        """Label map of one scan on its own grid, with the field in its voxels (Eq. 2)."""
+        """Label map of one scan on its own grid (Eq. 2), aligned first if ``self.align``."""
+        if self.align == "affine":
+            return self._segment_aligned(image_path)
+        return self._segment_in_place(image_path)
+
+    def _segment_in_place(self, image_path) -> Segmentation:
+        """The scan is taken to be in the atlas' space already; the field is in its voxels."""
         seconds = {}
         clock = time.perf_counter()
         target = self.prepare(image_path)
@@ -330,21 +428,98 @@ class Segmenter:
                             target.affine, target.header, forward_field, offset, seconds,
                             network_field=np.asarray(field_network))
 
-    def segment_to_files(self, image_path, out_dir, save_warped_atlas=False,
-                         save_field=False, name: Optional[str] = None) -> Segmentation:
-        """Segment one scan; write ``out_dir/<name>`` (label ids, the scan's grid and header;
-        ``name`` defaults to the subject id and :func:`output_suffix`) and, if asked,
-        ``out_dir/warped_atlas/<name>`` and ``out_dir/forward_field/<name>`` (3 components,
-        in voxels of the scan). Existing files are replaced: see :func:`plan_output_paths`."""
-        result = self.segment(image_path)
-        out_dir = Path(out_dir)
-        name = name or f"{result.subject}{output_suffix(image_path)}"
+    def alignment(self, scan) -> Alignment:
+        """The affine registration of a loaded scan to the atlas (from the cache if kept)."""
+        if self.alignment_cache is not None:
+            return self.alignment_cache.alignment(scan, self.atlas_volume)
+        return register_affine(scan, self.atlas_volume, self.registration)
+
+    def _segment_aligned(self, image_path) -> Segmentation:
+        """Register the scan to the atlas, run G_F in atlas space, and pull the atlas labels
+        onto the scan's own grid through the inverse affine in one resampling."""
+        seconds = {}
         clock = time.perf_counter()
-        save_volume(result.labels, out_dir / name, result.affine, result.header)
+        scan = load_image(image_path)
+        check_field_of_view(scan, self.atlas_volume)
+        seconds["read"] = time.perf_counter() - clock
+
+        alignment = self.alignment(scan)
+        seconds.update(alignment.seconds)
+
+        clock = time.perf_counter()
+        aligned = to_atlas_space(scan, alignment)
+        data = self.config.data
+        target = prepare_volumes(aligned, None, data.crop_shape, data.factor,
+                                 subject_id(image_path))
+        seconds["to_atlas_space"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        field_network = self.forward_field(target)
+        offset = (np.array(self.atlas.grid.crop_start)
+                  - np.array(target.grid.crop_start)).astype(np.float32)
+        forward_field = self._field_on_grid(field_network, tuple(target.grid.original_shape),
+                                            np.array(target.grid.crop_start, np.int32)).numpy()
+        seconds["network"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        labels = self._labels_through(alignment, field_network, target.grid.crop_start, offset)
+        seconds["labels_to_scan_grid"] = time.perf_counter() - clock
+        return Segmentation(target.subject, labels.astype(self.atlas_labels.dtype),
+                            scan.affine, scan.header, forward_field, offset, seconds,
+                            alignment, aligned.array, network_field=np.asarray(field_network))
+
+    def _labels_through(self, alignment: Alignment, field_network, crop_start,
+                        offset) -> np.ndarray:
+        """Atlas labels on the scan's grid: every scan voxel that can see the atlas grid looks
+        the labels up at inverse-affine + forward-field; the rest is background."""
+        # Only atlas points that the field can carry onto a labelled voxel can get a label: the
+        # atlas' labelled box widened by the largest displacement (and the offset between the
+        # crops). The scan voxels mapping outside it are background and need no lookup.
+        reach = (np.abs(np.asarray(field_network)).max(axis=(0, 1, 2)) * self.config.data.factor
+                 + np.abs(offset) + 2.0)
+        low, high = self._labelled_box
+        grid_low, grid_high = np.full(3, -0.5), np.asarray(self.atlas_labels.shape) - 0.5
+        region = (np.maximum(low - reach, grid_low), np.minimum(high + reach, grid_high))
+        start, stop = alignment.scan_box(region)
+        labels = np.zeros(alignment.scan_shape, dtype=self.atlas_labels.dtype)
+        box_shape = stop - start
+        total = int(np.prod(box_shape))
+        if total == 0:
+            return labels
+        scan_to_atlas = alignment.scan_voxel_to_atlas_voxel.astype(np.float32)
+        box = np.empty(total, dtype=np.int32)
+        for first in range(0, total, TRANSFER_CHUNK):
+            chunk = self._transfer_through(
+                field_network, scan_to_atlas, start.astype(np.int32),
+                box_shape.astype(np.int32), np.int32(first), np.array(crop_start, np.int32),
+                offset).numpy()
+            box[first:first + TRANSFER_CHUNK] = chunk[:total - first]
+        labels[tuple(slice(a, b) for a, b in zip(start, stop))] = box.reshape(box_shape)
+        return labels
+
+    def segment_to_files(self, image_path, out_dir, save_warped_atlas=False,
+                         save_field=False, save_aligned=False,
+                         paths: Optional[Dict[str, Path]] = None) -> Segmentation:
+        """Segment one scan; write ``out_dir/<id><ext>`` (label ids on the scan's grid with its
+        header, in the scan's own format: :func:`output_paths`) and, if asked,
+        ``out_dir/warped_atlas/``, ``out_dir/forward_field/`` (3 components, in voxels of the
+        grid G_F ran on: the scan's, or the atlas' when aligned) and ``out_dir/aligned/`` (the
+        scan in atlas space and its alignment as JSON). ``paths``: where to write instead (from
+        :func:`plan_output_paths`); existing files are replaced."""
+        result = self.segment(image_path)
+        paths = paths or output_paths(image_path, out_dir, result.subject)
+        clock = time.perf_counter()
+        save_volume(result.labels, paths["labels"], result.affine, result.header)
+        # With an alignment, the field and the warped atlas live on the atlas grid.
+        field_affine = result.affine if result.alignment is None else self.atlas_volume.affine
         if save_warped_atlas:
             save_volume(warp_image(self.atlas_image, result.sampling_positions),
-                        out_dir / WARPED_ATLAS_DIR / name, result.affine)
+                        paths["warped_atlas"], field_affine)
         if save_field:
-            save_volume(result.forward_field, out_dir / FORWARD_FIELD_DIR / name, result.affine)
+            save_volume(result.forward_field, paths["forward_field"], field_affine)
+        if save_aligned and result.alignment is not None:
+            save_volume(result.aligned_image, paths["aligned"], self.atlas_volume.affine)
+            from ltnet_keras.records import atomic_write_text
+            atomic_write_text(paths["alignment"], json.dumps(result.alignment.to_dict(), indent=2))
         result.seconds["write"] = time.perf_counter() - clock
         return result

@@ -2,8 +2,9 @@
 
 A run directory holds ``config.yaml``, ``environment.json`` (versions, devices, seed),
 ``atlas.json`` (atlas, label table, grid), ``checkpoints/``, ``logs/`` (TensorBoard),
-``history.csv`` (one row per ``log_every`` steps), ``loss_curve.png`` and, at the end,
-``forward_generator.h5`` (all that segmentation needs).
+``history.csv`` (one row per ``log_every`` steps), ``loss_curve.png``, with
+``data.align: affine`` ``aligned/`` (the pool and held-out scans aligned to the atlas, and the
+alignments) and, at the end, ``forward_generator.h5`` (all that segmentation needs).
 """
 import csv
 import json
@@ -22,6 +23,8 @@ from ltnet_keras.models.ltnet import LTNet
 from ltnet_keras.records import atomic_write_text, package_versions
 
 FORWARD_WEIGHTS = "forward_generator.h5"
+# With data.align: affine, the scans aligned to the atlas (and their alignments) are kept here.
+ALIGNED_DIR = "aligned"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -285,7 +288,8 @@ def train(config: ExperimentConfig, run_dir, strategy=None, verbose: int = 1,
 
     atlas_record = run_dir / "atlas.json"
     saved_atlas = json.loads(atlas_record.read_text())["atlas"] if atlas_record.exists() else None
-    data = data or load_training_data(config.data, atlas=saved_atlas)
+    data = data or load_training_data(config.data, atlas=saved_atlas,
+                                      cache_dir=run_dir / ALIGNED_DIR)
     with strategy.scope():
         model = build_model(config, data.atlas.image.shape)
     # A resumed run restores G_F from its checkpoint; a new one may start from another run's.

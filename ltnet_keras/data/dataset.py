@@ -84,6 +84,24 @@ def prepare_subjects(config: DataConfig, subjects: Sequence[str], with_labels: b
     return prepared
 
 
+def prepare_aligned_subjects(config: DataConfig, subjects: Sequence[str], atlas_image: Volume,
+                             cache_dir=None) -> List[PreparedSubject]:
+    """:func:`prepare_subjects` (without labels) for scans registered affinely to the atlas
+    first and resampled onto its grid (``data.align: affine``); with ``cache_dir`` every scan
+    is aligned once and read back from there afterwards (e.g. when a run resumes)."""
+    from ltnet_keras.align import AlignmentCache, register_affine, to_atlas_space
+    cache = None if cache_dir is None else AlignmentCache(cache_dir)
+    prepared = []
+    for files in subject_files(config, subjects):
+        if cache is not None:
+            aligned = cache.aligned_image(files.image, atlas_image)
+        else:
+            scan, _ = load_subject(files.image)
+            aligned = to_atlas_space(scan, register_affine(scan, atlas_image))
+        prepared.append(prepare_volumes(aligned, None, config.crop_shape, config.factor, files.id))
+    return prepared
+
+
 def resolve_atlas(config: DataConfig) -> str:
     """``config.atlas``, or for ``"auto"`` the training scan closest to the pool's average."""
     if config.atlas != "auto":
@@ -106,9 +124,12 @@ class TrainingData:
         return np.stack([t.image for t in self.targets])
 
 
-def load_training_data(config: DataConfig, atlas: Optional[str] = None) -> TrainingData:
-    """The atlas (with labels) and the unlabelled pool of ``config.train_subjects``; every file
-    of those subjects is checked first (:func:`check_subject_files`)."""
+def load_training_data(config: DataConfig, atlas: Optional[str] = None,
+                       cache_dir=None) -> TrainingData:
+    """The atlas (with labels) and the unlabelled pool on the network grid; every file of
+    ``config.train_subjects`` is checked first (:func:`check_subject_files`). With
+    ``config.align == "affine"`` the pool is aligned to the atlas first (kept in
+    ``cache_dir``, the run directory's ``aligned/``, when given)."""
     table = LabelTable.from_tsv(config.resolved_labels_tsv())
     check_subject_files(subject_files(config, config.train_subjects), table)
     atlas = atlas or resolve_atlas(config)
@@ -117,7 +138,11 @@ def load_training_data(config: DataConfig, atlas: Optional[str] = None) -> Train
     if not pool:
         raise ValueError("the training pool is empty once the atlas is taken out")
     # The pool is used without labels: this is the one-shot setting.
-    targets = prepare_subjects(config, pool, with_labels=False)
+    if config.align == "affine":
+        atlas_image, _ = load_subject(atlas_subject.image_path)
+        targets = prepare_aligned_subjects(config, pool, atlas_image, cache_dir)
+    else:
+        targets = prepare_subjects(config, pool, with_labels=False)
     one_hot = table.one_hot(atlas_subject.labels, source=atlas_subject.label_path)
     return TrainingData(atlas_subject, one_hot, targets, table)
 

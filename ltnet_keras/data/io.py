@@ -23,7 +23,7 @@ from ltnet_keras.data.labels import LabelTable
 
 __all__ = ["Volume", "SubjectFiles", "VolumeError", "EXTENSIONS", "load_image", "load_label_map",
            "load_subject", "check_same_grid", "grid_offset_mm", "save_volume", "find_subjects",
-           "subject_id"]
+           "subject_id", "output_suffix"]
 
 # Longest first so that ".nii.gz" wins over ".gz"-less ".nii" matching.
 EXTENSIONS = (".nii.gz", ".nii", ".mgz", ".npz")
@@ -86,6 +86,13 @@ def subject_id(path) -> str:
     name = Path(path).name
     ext = _extension(name)
     return name[:-len(ext)] if ext else Path(name).stem
+
+
+def output_suffix(input_path) -> str:
+    """The file type a result for ``input_path`` is written in: the input's own (``.mgz`` in,
+    ``.mgz`` out; ``.nii`` / ``.nii.gz`` likewise), ``.nii.gz`` for anything not writable."""
+    ext = _extension(input_path)
+    return ext if ext in WRITABLE else ".nii.gz"
 
 
 def _read(path, npz_key: str):
@@ -226,7 +233,10 @@ def _storage_dtype(array, path) -> np.dtype:
 def _make_image(array, affine, header, ext):
     if ext == ".mgz":
         header = header if isinstance(header, nib.freesurfer.mghformat.MGHHeader) else None
-        return nib.MGHImage(array, affine, header=header)
+        image = nib.MGHImage(array, affine, header=header)
+        # The header may come from a float image: store these voxels in their own type.
+        image.header.set_data_dtype(array.dtype)
+        return image
     # Another format's header (e.g. MGH) cannot describe a NIfTI file: the affine suffices.
     header = header.copy() if isinstance(header, nib.Nifti1Header) else None
     image = nib.Nifti1Image(array, affine, header=header)
