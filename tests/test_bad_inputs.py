@@ -274,7 +274,8 @@ def test_segment_same_file_names_in_two_folders_get_distinct_outputs(good_scan, 
     out = tmp_path / "out"
     code, printed, err = run_cli(capsys, *segment_args(images, out))
     assert code == 0, err
-    assert sorted(p.name for p in out.iterdir()) == ["a_brainmask.nii.gz", "b_brainmask.nii.gz"]
+    # .mgz in, .mgz out (issue 8); the parent folder keeps the names apart (issue 9)
+    assert sorted(p.name for p in out.iterdir()) == ["a_brainmask.mgz", "b_brainmask.mgz"]
     first, second = (load_label_map(out / name) for name in sorted(os.listdir(out)))
     np.testing.assert_array_equal(first.array, second.array)
     np.testing.assert_allclose(first.affine, scan.affine, atol=1e-5)
