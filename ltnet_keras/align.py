@@ -154,9 +154,20 @@ def registration_image(volume: Volume, codes: Sequence[str], spacing: float) -> 
     return resample_volume(smoothed, shape, straight, "image")
 
 
+def load_ants():
+    """The ``ants`` module, loaded with ONE ITK thread unless the environment variable
+    ``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS`` says otherwise: with its fixed seed the
+    registration is then the same bit for bit from run to run (on several threads ITK's
+    parallel sums move results by ~0.1 mm), so the same scan always gets the same labels. At
+    the 3 mm registration grid one thread costs little."""
+    os.environ.setdefault("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "1")
+    import ants
+    return ants
+
+
 def _to_ants(volume: Volume):
     """An ANTsImage of ``volume`` (its RAS affine turned into ITK's LPS origin/direction)."""
-    import ants
+    ants = load_ants()
     lps = _RAS_TO_LPS @ np.asarray(volume.affine, np.float64)
     spacing = voxel_sizes(lps)
     direction = lps[:3, :3] / spacing
@@ -182,7 +193,7 @@ def _matrix_of(transform) -> np.ndarray:
 def _ants_seed(seed: int):
     """ANTs reads its random seed from ``ants.config`` (what ``set_ants_deterministic`` sets,
     without that function's switch to one thread)."""
-    import ants
+    ants = load_ants()
     previous = ants.config._random_seed
     ants.config._random_seed = int(seed)
     try:
@@ -199,8 +210,8 @@ class RegistrationSettings:
     multi-resolution ``shrink_factors`` on top; ``transform`` is ANTs' ``type_of_transform``
     ("Affine": rigid + scale + shear after a centre-of-mass translation, "Rigid", "Similarity").
     ``seed`` fixes the metric's sample positions: the result is then the same bit for bit on
-    one thread (``ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=1`` before ANTs loads) and within about
-    0.1 mm on several, where ITK's parallel sums change their order.
+    one thread (the default of :func:`load_ants`) and within about 0.1 mm on several, where
+    ITK's parallel sums change their order.
     """
     spacing: float = 3.0
     transform: str = "Affine"
@@ -289,7 +300,7 @@ def register_affine(scan: Volume, atlas: Volume,
     ANTs starts from the translation that aligns the centres of mass (its default), so heads
     far from the atlas' position and scans with other fields of view need no manual start.
     """
-    import ants
+    ants = load_ants()
     settings = settings or RegistrationSettings()
     seconds = {}
     clock = time.perf_counter()

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ltnet_keras.align import (Alignment, AlignmentCache, RegistrationSettings,
-                               check_align_mode, register_affine, to_atlas_space)
+                               check_align_mode, load_ants, register_affine, to_atlas_space)
 from ltnet_keras.config import SEGMENT_INTERPOLATIONS, load_config
 from ltnet_keras.data.dataset import PreparedSubject, prepare_volumes
 from ltnet_keras.data.errors import VolumeError
@@ -326,7 +326,7 @@ class Segmenter:
         self.alignment_cache = None if alignment_cache is None else AlignmentCache(
             alignment_cache, self.registration)
         if self.align == "affine":
-            import ants  # noqa: F401  (load ANTs now, not inside the first case's timing)
+            load_ants()  # now, not inside the first case's timing
         self.table = LabelTable.from_ids(record["label_ids"])
         data = self.config.data
         if not (atlas_image and atlas_labels):
