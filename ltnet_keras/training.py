@@ -102,8 +102,8 @@ def _plain(value):
     return list(value) if isinstance(value, (list, tuple)) else value
 
 
-def initialise_forward_generator(model: LTNet, config: ExperimentConfig, atlas: str) -> None:
-    """Start G_F from the ``forward_generator.h5`` of the finished run ``train.init_from``.
+def init_source_weights(config: ExperimentConfig, atlas: str) -> Path:
+    """The ``forward_generator.h5`` of the finished run ``train.init_from``, checked.
 
     The source run must share the atlas, the network grid and the U-Net: otherwise its field
     would mean something else here.
@@ -131,7 +131,7 @@ def initialise_forward_generator(model: LTNet, config: ExperimentConfig, atlas: 
     if mismatches:
         raise ValueError(f"train.init_from {source} does not match this run: "
                          + "; ".join(mismatches))
-    model.forward_generator.load_weights(str(weights))
+    return weights
 
 
 def gradient_norm_probe(model: LTNet, data: TrainingData):
@@ -290,11 +290,13 @@ def train(config: ExperimentConfig, run_dir, strategy=None, verbose: int = 1,
     saved_atlas = json.loads(atlas_record.read_text())["atlas"] if atlas_record.exists() else None
     data = data or load_training_data(config.data, atlas=saved_atlas,
                                       cache_dir=run_dir / ALIGNED_DIR)
+    # A resumed run restores G_F from its checkpoint; a new one may start from another run's.
+    init_weights = (init_source_weights(config, data.atlas.subject) if config.train.init_from
+                    and not tf.train.latest_checkpoint(str(run_dir / "checkpoints")) else None)
     with strategy.scope():
         model = build_model(config, data.atlas.image.shape)
-    # A resumed run restores G_F from its checkpoint; a new one may start from another run's.
-    if config.train.init_from and not tf.train.latest_checkpoint(str(run_dir / "checkpoints")):
-        initialise_forward_generator(model, config, data.atlas.subject)
+    if init_weights is not None:
+        model.forward_generator.load_weights(str(init_weights))
 
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
