@@ -50,7 +50,8 @@ class LTNet(tf.keras.Model):
     """G_F, G_B and D with a custom ``train_step`` alternating a G and a D update.
 
     Training data: dicts ``{"atlas": (b, x, y, z, 1), "atlas_labels": (b, x, y, z, C),
-    "target": (b, x, y, z, 1)}`` with one (atlas, unlabelled target) pair per replica. Calling the
+    "target": (b, x, y, z, 1)}`` (optionally ``"atlas_label_index": (b, x, y, z)``, the
+    channel of each voxel's label, which saves the fast path reading it off) with one (atlas, unlabelled target) pair per replica. Calling the
     model on ``[atlas, target]`` returns the forward field ``(b, x, y, z, 3)``.
 
     ``fast_path`` (the default) computes the warps with :mod:`trilinear` and the label terms
@@ -127,11 +128,14 @@ class LTNet(tf.keras.Model):
         return images + tf.random.normal(tf.shape(images), stddev=noise)
 
     # -- the method ---------------------------------------------------------------------------
-    def correspondence_cycle(self, atlas, atlas_labels, target, training=False):
+    def correspondence_cycle(self, atlas, atlas_labels, target, training=False,
+                             atlas_label_index=None):
         """Forward path (Eq. 1, 2) and, when needed, backward path (Eq. 5 and l_bar_s).
 
         ``out["cycle_inputs"]`` holds the forward-path tensors as the cycle terms see them:
         the same values, with their gradient to G_F cut during ``cycle_backward_only_steps``.
+        ``atlas_label_index``: the label channel of every atlas voxel ``(b, x, y, z)``, if
+        known (the data pipeline gives it); else the fast path reads it off ``atlas_labels``.
         """
         forward_field = self.forward_generator([atlas, target], training=training)
         if self.schedule.freeze_forward_steps:
@@ -142,7 +146,7 @@ class LTNet(tf.keras.Model):
             out["forward_corners"] = trilinear.corner_table(forward_field)
         out["warped_atlas"] = self._warp_image(atlas, forward_field, out.get("forward_corners"))
         if self.uses_labels:
-            out.update(self._warp_atlas_labels(atlas_labels, out))
+            out.update(self._warp_atlas_labels(atlas_labels, atlas_label_index, out))
         if self.backward_generator is None:
             return out
         seen = {name: out[name] for name in CYCLE_INPUTS if name in out}
@@ -166,16 +170,17 @@ class LTNet(tf.keras.Model):
             return self.warp_image([image, field])
         return trilinear.warp(image, field, corners)
 
-    def _warp_atlas_labels(self, atlas_labels, out):
+    def _warp_atlas_labels(self, atlas_labels, label_index, out):
         """``u_bar_s`` (Eq. 2); on the fast path also the atlas' label index."""
         field = out["forward_field"]
         if not self.fast_path:
             return {"warped_atlas_labels": self.warp_labels([atlas_labels, field])}
-        label_index, is_one_hot = fused_losses.one_hot_index(atlas_labels)
-        with tf.control_dependencies([tf.debugging.Assert(is_one_hot, [
-                "atlas_labels must be one-hot on LTNet's fast path (fast_path=False warps "
-                "any label map)"])]):
-            label_index = tf.identity(label_index)
+        if label_index is None:
+            label_index, is_one_hot = fused_losses.one_hot_index(atlas_labels)
+            with tf.control_dependencies([tf.debugging.Assert(is_one_hot, [
+                    "atlas_labels must be one-hot on LTNet's fast path (fast_path=False "
+                    "warps any label map)"])]):
+                label_index = tf.identity(label_index)
         warped = trilinear.warp_one_hot(label_index, field, atlas_labels.shape[-1],
                                         out["forward_corners"])
         return {"warped_atlas_labels": warped, "atlas_label_index": label_index}
@@ -265,7 +270,8 @@ class LTNet(tf.keras.Model):
         atlas, atlas_labels, target = data["atlas"], data["atlas_labels"], data["target"]
 
         with tf.GradientTape() as tape:
-            cycle = self.correspondence_cycle(atlas, atlas_labels, target, training=True)
+            cycle = self.correspondence_cycle(atlas, atlas_labels, target, training=True,
+                                              atlas_label_index=data.get("atlas_label_index"))
             terms = self.generator_terms(cycle, atlas, atlas_labels, target)
             total = losses.total_generator_loss(terms, self.current_weights())
             generator_loss = self._replica_mean(total)

@@ -222,22 +222,24 @@ def warp_one_hot(label_index, field, n_channels: int, table: Optional[CornerTabl
 
 
 @_compiled
-def _rewarp_backward(label_index, warped, forward_field, backward_field, inner_index,
+def _rewarp_backward(label_index, forward_field, backward_field, inner_index, inner_weight,
                      outer_index, outer_weight, upstream):
     upstream_rows = _rows(upstream)
     n_rows = tf.shape(upstream_rows)[0]
-    # dL/d(weight of backward corner b) = <upstream(t), warped(s_b)>.
-    outer_gradient = tf.reduce_sum(
-        tf.gather(_rows(warped), outer_index) * upstream_rows[:, None, :], -1)
-    # warped(s) holds weight w_f(s) at label_f(s) for its 8 forward corners f, so
-    # dL/d(weight of forward corner f at s) = sum over the (t, b) with s_b(t) = s of
-    # w_b(t) upstream(t)[label_f(s)]: the transpose of the backward warp, read only at the
-    # 8 labels each voxel's forward corners carry (64 pairs per voxel t).
+    # Voxel t samples the warped map at the 8 backward corners s_b(t); warped(s_b) is the 8
+    # forward corners f of s_b with weight w_f(s_b) on label_f(s_b): 64 pairs (t, b, f).
     pair_labels = tf.gather(_corner_labels(label_index, inner_index), outer_index)  # (N, 8, 8)
-    picked = _pick(upstream_rows, pair_labels)
+    pair_upstream = _pick(upstream_rows, pair_labels)         # upstream(t)[label_f(s_b)]
+    # dL/d(weight of backward corner b) = <upstream(t), warped(s_b)>
+    #                                   = sum_f w_f(s_b) upstream(t)[label_f(s_b)].
+    outer_gradient = tf.reduce_sum(tf.gather(inner_weight, outer_index) * pair_upstream, -1)
+    # dL/d(weight of forward corner f at voxel s) = sum over the (t, b) with s_b(t) = s of
+    # w_b(t) upstream(t)[label_f(s)]: the transpose of the backward warp, read only at the
+    # 8 labels each voxel's forward corners carry.
     slots = outer_index[..., None] * 8 + tf.range(8, dtype=tf.int32)
     inner_gradient = tf.math.unsorted_segment_sum(
-        tf.reshape(outer_weight[..., None] * picked, [-1]), tf.reshape(slots, [-1]), n_rows * 8)
+        tf.reshape(outer_weight[..., None] * pair_upstream, [-1]), tf.reshape(slots, [-1]),
+        n_rows * 8)
     return (_field_gradient(tf.reshape(inner_gradient, [n_rows, 8]), forward_field),
             _field_gradient(outer_gradient, backward_field))
 
@@ -265,8 +267,8 @@ def rewarp_one_hot(label_index, warped, forward_field, backward_field,
     @tf.custom_gradient
     def _warp(forward_field, backward_field):
         def gradient(upstream):
-            return _rewarp_backward(label_index, warped, forward_field, backward_field,
-                                    inner.index, outer.index, outer.weight, upstream)
+            return _rewarp_backward(label_index, forward_field, backward_field, inner.index,
+                                    inner.weight, outer.index, outer.weight, upstream)
         return _warp_forward(warped, outer.index, outer.weight), gradient
 
     return _warp(forward_field, backward_field)
