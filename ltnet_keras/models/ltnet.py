@@ -137,7 +137,7 @@ class LTNet(tf.keras.Model):
         ``atlas_label_index``: the label channel of every atlas voxel ``(b, x, y, z)``, if
         known (the data pipeline gives it); else the fast path reads it off ``atlas_labels``.
         """
-        forward_field = self.forward_generator([atlas, target], training=training)
+        forward_field = self._generate(self.forward_generator, atlas, target, training)
         if self.schedule.freeze_forward_steps:
             forward_field = gradient_gate(forward_field,
                                           self._open_from(self.schedule.freeze_forward_steps))
@@ -154,7 +154,8 @@ class LTNet(tf.keras.Model):
             is_open = self._open_from(self.schedule.cycle_backward_only_steps)
             seen = {name: gradient_gate(value, is_open) for name, value in seen.items()}
         out["cycle_inputs"] = seen
-        backward_field = self.backward_generator([seen["warped_atlas"], atlas], training=training)
+        backward_field = self._generate(self.backward_generator, seen["warped_atlas"], atlas,
+                                        training)
         out["backward_field"] = backward_field
         if self.fast_path:
             out["backward_corners"] = trilinear.corner_table(backward_field)
@@ -163,6 +164,13 @@ class LTNet(tf.keras.Model):
         if self.uses_labels:
             out["reconstructed_atlas_labels"] = self._rewarp_atlas_labels(out)
         return out
+
+    def _generate(self, generator, moving, fixed, training):
+        """``generator([moving, fixed])``; with ``train.recompute_generators`` its activations
+        are recomputed for the backward pass instead of kept (same values and gradients)."""
+        if not self.schedule.recompute_generators:
+            return generator([moving, fixed], training=training)
+        return tf.recompute_grad(lambda m, f: generator([m, f], training=training))(moving, fixed)
 
     # -- the warps, straightforward (voxelmorph's layer) or fast (shared corner tables) --------
     def _warp_image(self, image, field, corners):
