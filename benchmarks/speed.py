@@ -6,6 +6,13 @@ The machine may be noisy: compare rows of one run, not against old figures.
     python benchmarks/speed.py                       # all measurements, default sizes
     python benchmarks/speed.py --only segment --repeats 5
     python benchmarks/speed.py --only train --train-shape 128 192 128 --factor 4
+    python benchmarks/speed.py --only full           # LT-Net step at 160x160x128, or why not
+
+``train`` times the voxelmorph and ltnet presets and, as "before", the ltnet preset on the
+straightforward path (``LTNet(fast_path=False)``). ``full`` measures the peak memory of an
+ltnet step (``train.recompute_generators`` on, and off) at a few smaller grids, fits
+``peak = a + b * voxels`` and runs the full grid only where the fit says it stays under
+``--memory-limit-gib``.
 """
 import argparse
 import json
@@ -91,8 +98,34 @@ def bench_segment(args):
             "detail": detail}
 
 
+#: Label channels of LPBA40 (56 structures and background), for synthetic batches.
+LPBA40_CHANNELS = 57
+
+
+def _synthetic_batch(shape, channels=LPBA40_CHANNELS):
+    """A random (atlas, one-hot atlas labels, target) batch of one pair on ``shape``."""
+    import numpy as np
+    import tensorflow as tf
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, channels, (1, *shape)).astype(np.int32)
+    return {"atlas": tf.constant(rng.random((1, *shape, 1), dtype=np.float32)),
+            "atlas_labels": tf.one_hot(labels, channels),
+            "atlas_label_index": tf.constant(labels),
+            "target": tf.constant(rng.random((1, *shape, 1), dtype=np.float32))}
+
+
+def _train_name(args) -> str:
+    name = f"train step, preset {args.preset}"
+    if args.reference:
+        name += " (straightforward path)"
+    if args.recompute:
+        name += " (recompute_generators)"
+    return name
+
+
 def bench_train(args):
-    """One training step (G and D updates) of a preset on a real LPBA40 pair."""
+    """One training step (G and D updates) of a preset: on a real LPBA40 pair, or on a
+    synthetic one of ``--network-shape`` (timings and memory do not depend on the data)."""
     import ltnet_keras  # noqa: F401
     _threads(args)
     import tensorflow as tf
@@ -103,15 +136,19 @@ def bench_train(args):
         "preset": args.preset,
         "data": {"atlas": "S01", "train_subjects": ["S01", "S11", "S12"],
                  "crop_shape": list(args.train_shape), "factor": args.factor},
-        "train": {"jit_compile": bool(args.jit)}})
+        "train": {"jit_compile": bool(args.jit), "recompute_generators": bool(args.recompute)}})
     config = apply_preset(config, args.preset)
-    data = load_training_data(config.data)
-    model = build_model(config, data.atlas.image.shape)
-    batch = next(iter(training_dataset(data, 1, 0, 0, 1)))
+    if args.network_shape:
+        shape, batch = tuple(args.network_shape), _synthetic_batch(args.network_shape)
+    else:
+        data = load_training_data(config.data)
+        shape = data.atlas.image.shape
+        batch = next(iter(training_dataset(data, 1, 0, 0, 1)))
+    model = build_model(config, shape, fast_path=not args.reference)
     step = tf.function(model.train_step, jit_compile=bool(args.jit))
     mean, best = _mean_time(lambda: [v.numpy() for v in step(batch).values()], args.repeats)
-    return {"what": f"train step, preset {args.preset}", "shape": list(data.atlas.image.shape),
-            "mean_s": mean, "min_s": best, "peak_gib": _peak_gib()}
+    return {"what": _train_name(args), "shape": list(shape), "mean_s": mean, "min_s": best,
+            "peak_gib": _peak_gib()}
 
 
 BENCHES = {"vxm_forward": bench_vxm_forward, "segment": bench_segment, "train": bench_train}
@@ -127,21 +164,99 @@ def _child_args(args, name, extra):
     return out + extra
 
 
+def _run_child(args, name, extra):
+    """Run one measurement in a subprocess; its result dict, or None (reason on stderr)."""
+    proc = subprocess.run(_child_args(args, name, extra), capture_output=True, text=True)
+    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode or not line:
+        print(f"{name} {extra} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
+        return None
+    r = json.loads(line[0][len("RESULT "):])
+    print(f"{r['what']:<66} {str(tuple(r['shape'])):<16} mean {r['mean_s']:7.3f} s  "
+          f"min {r['min_s']:7.3f} s  peak {r['peak_gib']:5.2f} GiB"
+          + (f"  {json.dumps({k: round(v, 3) for k, v in r['detail'].items()})}"
+             if "detail" in r else ""), flush=True)
+    return r
+
+
+def _voxels(shape) -> int:
+    return int(shape[0]) * int(shape[1]) * int(shape[2])
+
+
+def fit_memory_model(points):
+    """Least-squares ``peak_gib = a + b * voxels`` through ``[(voxels, peak_gib), ...]``."""
+    n = len(points)
+    mean_v = sum(v for v, _ in points) / n
+    mean_p = sum(p for _, p in points) / n
+    spread = sum((v - mean_v) ** 2 for v, _ in points)
+    slope = sum((v - mean_v) * (p - mean_p) for v, p in points) / spread
+    return mean_p - slope * mean_v, slope
+
+
+def scaled_shape(shape, fraction):
+    """``shape`` with every side scaled by ``fraction`` (rounded to a multiple of 16, as the
+    U-Net's 4 poolings need)."""
+    return [max(16, int(round(side * fraction / 16)) * 16) for side in shape]
+
+
+def bench_full(args):
+    """The ltnet step at ``--full-shape``: memory model from smaller grids, then the full grid
+    where the model predicts it fits (``--memory-limit-gib``)."""
+    full = list(args.full_shape)
+    print(f"-- ltnet step at {tuple(full)} ({_voxels(full)} voxels): peak memory model from "
+          f"smaller grids", flush=True)
+    for recompute in (True, False):
+        extra = ["--preset", "ltnet", "--repeats", "1"] + (["--recompute"] if recompute else [])
+        points = []
+        for fraction in args.model_fractions:
+            shape = scaled_shape(full, fraction)
+            r = _run_child(args, "train", extra + ["--network-shape", *map(str, shape)])
+            if r:
+                points.append((_voxels(shape), r["peak_gib"]))
+        if len(points) < 2:
+            print("not enough points for a memory model")
+            continue
+        a, b = fit_memory_model(points)
+        predicted = a + b * _voxels(full)
+        label = "recompute_generators" if recompute else "default (activations kept)"
+        print(f"memory model, {label}: peak = {a:.2f} GiB + {b * 1e6:.3f} GiB per million "
+              f"voxels -> {predicted:.1f} GiB predicted at {tuple(full)}", flush=True)
+        if predicted > args.memory_limit_gib:
+            print(f"not run at {tuple(full)}: {predicted:.1f} GiB predicted > "
+                  f"--memory-limit-gib {args.memory_limit_gib}", flush=True)
+            continue
+        r = _run_child(args, "train", extra + ["--network-shape", *map(str, full)])
+        if r:
+            print(f"full-size ltnet step ({label}): {r['mean_s']:.1f} s, peak "
+                  f"{r['peak_gib']:.2f} GiB (model said {predicted:.1f})", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--only", choices=("segment", "train"))
+    parser.add_argument("--only", choices=("segment", "train", "full"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--segment-shape", type=int, nargs=3, default=[160, 160, 128])
     parser.add_argument("--train-shape", type=int, nargs=3, default=[160, 192, 160],
                         help="crop before down-sampling by --factor")
     parser.add_argument("--factor", type=int, default=2)
     parser.add_argument("--presets", nargs="+", default=["voxelmorph", "ltnet"])
+    parser.add_argument("--full-shape", type=int, nargs=3, default=[160, 160, 128],
+                        help="the paper's network grid, for the full-size ltnet step")
+    parser.add_argument("--model-fractions", type=float, nargs="+", default=[0.5, 0.6, 0.7],
+                        help="grid sides (fractions of --full-shape) for the memory model")
+    parser.add_argument("--memory-limit-gib", type=float, default=14.0)
     parser.add_argument("--jit", action="store_true", help="XLA jit_compile for the networks")
     parser.add_argument("--intra-threads", type=int, default=0)
     parser.add_argument("--inter-threads", type=int, default=0)
     parser.add_argument("--label-interp", default="linear")
     parser.add_argument("--preset", default="voxelmorph")
+    parser.add_argument("--reference", action="store_true",
+                        help="(train) the straightforward path, LTNet(fast_path=False)")
+    parser.add_argument("--recompute", action="store_true",
+                        help="(train) train.recompute_generators")
+    parser.add_argument("--network-shape", type=int, nargs=3,
+                        help="(train) synthetic pair on this network grid")
     parser.add_argument("--child", choices=tuple(BENCHES))
     args = parser.parse_args()
 
@@ -155,19 +270,9 @@ def main():
                  ("segment", ["--label-interp", "linear"])]
     if args.only in (None, "train"):
         jobs += [("train", ["--preset", p]) for p in args.presets]
-    results = []
-    for name, extra in jobs:
-        proc = subprocess.run(_child_args(args, name, extra), capture_output=True, text=True)
-        line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
-        if proc.returncode or not line:
-            print(f"{name} {extra} failed:\n{proc.stderr[-3000:]}", file=sys.stderr)
-            continue
-        results.append(json.loads(line[0][len("RESULT "):]))
-        r = results[-1]
-        print(f"{r['what']:<58} {str(tuple(r['shape'])):<16} mean {r['mean_s']:7.3f} s  "
-              f"min {r['min_s']:7.3f} s  peak {r['peak_gib']:5.2f} GiB"
-              + (f"  {json.dumps({k: round(v, 3) for k, v in r['detail'].items()})}"
-                 if "detail" in r else ""), flush=True)
+        if "ltnet" in args.presets:
+            jobs.append(("train", ["--preset", "ltnet", "--reference"]))
+    results = [r for r in (_run_child(args, name, extra) for name, extra in jobs) if r]
     base = {r["what"]: r["mean_s"] for r in results}
     fwd = base.get("VxmDense forward (voxelmorph 0.2)")
     for r in results:
@@ -177,6 +282,8 @@ def main():
     for r in results:
         if vm and r["what"].startswith("train step") and "voxelmorph" not in r["what"]:
             print(f"ratio {r['what']} / voxelmorph step: {r['mean_s'] / vm:.2f}")
+    if args.only in (None, "full"):
+        bench_full(args)
 
 
 if __name__ == "__main__":

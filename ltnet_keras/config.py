@@ -150,6 +150,11 @@ class TrainConfig:
     # Every log_every steps: each active term's gradient norm w.r.t. the forward field on a
     # fixed training pair (history.csv, TensorBoard columns grad_<term>).
     log_grad_norms: bool = False
+    # Memory, not mathematics: the backward pass recomputes each U-Net's activations instead
+    # of keeping them from the forward pass (one more U-Net forward per step, much less
+    # memory). Needed for the paper's 160x160x128 grid on a 24 GiB machine
+    # (benchmarks/README.md).
+    recompute_generators: bool = False
 
 
 @dataclass

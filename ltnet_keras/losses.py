@@ -229,11 +229,12 @@ def charbonnier(x, eps=0.001, gamma=0.45):
     return tf.pow(x * x + eps * eps, gamma)
 
 
-def compose_fields(inner, outer):
+def compose_fields(inner, outer, warp=None):
     """The composed displacement ``inner(t) + outer(t + inner(t))``, shape of ``inner``.
 
     ``outer`` is resampled at the positions displaced by ``inner`` with voxelmorph's
-    ``SpatialTransformer`` (linear, 'ij') applied to the field itself. Under the pull convention
+    ``SpatialTransformer`` (linear, 'ij') applied to the field itself, or with ``warp(outer,
+    inner)`` if given (any function computing the same, e.g. ``models.trilinear.warp``). Under the pull convention
     ``warp(m, f)(t) = m(t + f(t))``, ``warp(warp(m, outer), inner) = warp(m, compose_fields(inner,
     outer))``: warping by ``outer`` first and then by ``inner`` is one warp by the composition.
     """
@@ -242,11 +243,14 @@ def compose_fields(inner, outer):
 
     inner = _f32(inner)
     outer = _f32(outer)
+    if warp is not None:
+        return inner + warp(outer, inner)
     transformer = vxm.layers.SpatialTransformer(interp_method="linear", indexing="ij")
     return inner + transformer([outer, inner])
 
 
-def transformation_consistency_loss(forward_field, backward_field, eps=0.001, gamma=0.45):
+def transformation_consistency_loss(forward_field, backward_field, eps=0.001, gamma=0.45,
+                                    warp=None):
     """L_trans, Eq. (8): ``mean_t rho(dp_F(t) + dp_B(t + dp_F(t)))`` per example.
 
     The mean runs over voxels and the 3 components (the printed sum over ``t``, divided by the
@@ -264,11 +268,12 @@ def transformation_consistency_loss(forward_field, backward_field, eps=0.001, ga
     Args:
         forward_field: ``dp_F``, ``(batch, x, y, z, 3)``.
         backward_field: ``dp_B``, ``(batch, x, y, z, 3)``.
+        warp: how to resample ``dp_B`` (see :func:`compose_fields`).
 
     Returns:
         ``(batch,)``; its minimum, for exactly inverse fields, is ``rho(0) = eps^(2 gamma)``.
     """
-    residual = compose_fields(forward_field, backward_field)
+    residual = compose_fields(forward_field, backward_field, warp)
     return _per_example_mean(charbonnier(residual, eps=eps, gamma=gamma))
 
 

@@ -82,9 +82,12 @@ class EveryNthStep(tf.keras.optimizers.schedules.LearningRateSchedule):
         return {"learning_rate": self.learning_rate, "every": self.every}
 
 
-def build_model(config: ExperimentConfig, inshape) -> LTNet:
-    """LT-Net with its two Adam optimisers (constant learning rate, Sec. 5)."""
-    model = LTNet(inshape, config.network, config.weights, config.penalties, config.train)
+def build_model(config: ExperimentConfig, inshape, fast_path: bool = True) -> LTNet:
+    """LT-Net with its two Adam optimisers (constant learning rate, Sec. 5).
+
+    ``fast_path=False`` builds the straightforward reference (see :class:`LTNet`)."""
+    model = LTNet(inshape, config.network, config.weights, config.penalties, config.train,
+                  fast_path=fast_path)
     train = config.train
     discriminator_optimizer = None
     if model.discriminator is not None:

@@ -157,14 +157,17 @@ def pair_indices(n_targets: int, seed: int, start: int, stop: int):
 
 def training_dataset(data: TrainingData, global_batch: int, seed: int, start_step: int,
                      stop_step: int):
-    """``tf.data`` of ``{"atlas", "atlas_labels", "target"}`` batches, one pair per replica."""
+    """``tf.data`` of ``{"atlas", "atlas_labels", "atlas_label_index", "target"}`` batches,
+    one pair per replica (``atlas_label_index``: the one-hot channel of each atlas voxel)."""
     import tensorflow as tf
     atlas = tf.constant(data.atlas.image[..., None])
     atlas_labels = tf.constant(data.atlas_one_hot)
+    atlas_label_index = tf.constant(np.argmax(data.atlas_one_hot, -1).astype(np.int32))
     targets = tf.constant(data.target_images[..., None])
 
     def pair(index):
-        return {"atlas": atlas, "atlas_labels": atlas_labels, "target": tf.gather(targets, index)}
+        return {"atlas": atlas, "atlas_labels": atlas_labels,
+                "atlas_label_index": atlas_label_index, "target": tf.gather(targets, index)}
 
     indices = pair_indices(len(data.targets), seed, start_step * global_batch,
                            stop_step * global_batch)

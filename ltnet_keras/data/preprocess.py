@@ -45,8 +45,15 @@ def brain_bbox(array, threshold: float = 0.01) -> Tuple[Tuple[int, ...], Tuple[i
     if not foreground.any():
         raise ValueError("cannot find the brain: no voxel of the image or mask is above the "
                          "threshold")
-    where = np.argwhere(foreground)
-    return tuple(int(v) for v in where.min(0)), tuple(int(v) + 1 for v in where.max(0))
+    # The box from the projections on each axis: the same box as the extremes of
+    # np.argwhere, without listing every foreground voxel (a third of segment's reading time).
+    start, stop = [], []
+    for axis in range(foreground.ndim):
+        others = tuple(a for a in range(foreground.ndim) if a != axis)
+        occupied = np.flatnonzero(foreground.any(axis=others))
+        start.append(int(occupied[0]))
+        stop.append(int(occupied[-1]) + 1)
+    return tuple(start), tuple(stop)
 
 
 def check_network_shape(shape, divisor: int = 16) -> Tuple[int, ...]:

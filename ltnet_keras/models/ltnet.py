@@ -7,9 +7,10 @@ from typing import Dict
 
 import tensorflow as tf
 
-from ltnet_keras import losses
+from ltnet_keras import fused_losses, losses
 from ltnet_keras.config import LossWeights, NetworkConfig, PenaltyConfig, TrainConfig
 from ltnet_keras.models.discriminator import make_patchgan
+from ltnet_keras.models import trilinear
 from ltnet_keras.models.generators import make_generator, make_warp
 
 
@@ -49,13 +50,22 @@ class LTNet(tf.keras.Model):
     """G_F, G_B and D with a custom ``train_step`` alternating a G and a D update.
 
     Training data: dicts ``{"atlas": (b, x, y, z, 1), "atlas_labels": (b, x, y, z, C),
-    "target": (b, x, y, z, 1)}`` with one (atlas, unlabelled target) pair per replica. Calling the
+    "target": (b, x, y, z, 1)}`` (optionally ``"atlas_label_index": (b, x, y, z)``, the
+    channel of each voxel's label, which saves the fast path reading it off) with one (atlas, unlabelled target) pair per replica. Calling the
     model on ``[atlas, target]`` returns the forward field ``(b, x, y, z, 3)``.
+
+    ``fast_path`` (the default) computes the warps with :mod:`trilinear` and the label terms
+    with :mod:`fused_losses`: the same mathematics at a fraction of the time and memory, but
+    it needs one-hot atlas labels (as the data pipeline makes them; checked every step).
+    ``fast_path=False`` is the straightforward path (voxelmorph's SpatialTransformer, the
+    losses term by term), kept as the reference the fast path is tested against.
     """
 
     def __init__(self, inshape, network: NetworkConfig, weights: LossWeights,
-                 penalties: PenaltyConfig = None, train: TrainConfig = None, name="ltnet"):
+                 penalties: PenaltyConfig = None, train: TrainConfig = None, name="ltnet",
+                 fast_path: bool = True):
         super().__init__(name=name)
+        self.fast_path = fast_path
         self.penalties = penalties or PenaltyConfig()
         self.schedule = train or TrainConfig()
         self.ramp_steps = int(self.schedule.ramp_steps)
@@ -127,20 +137,26 @@ class LTNet(tf.keras.Model):
         return images + tf.random.normal(tf.shape(images), stddev=noise)
 
     # -- the method ---------------------------------------------------------------------------
-    def correspondence_cycle(self, atlas, atlas_labels, target, training=False):
+    def correspondence_cycle(self, atlas, atlas_labels, target, training=False,
+                             atlas_label_index=None):
         """Forward path (Eq. 1, 2) and, when needed, backward path (Eq. 5 and l_bar_s).
 
         ``out["cycle_inputs"]`` holds the forward-path tensors as the cycle terms see them:
         the same values, with their gradient to G_F cut during ``cycle_backward_only_steps``.
+        ``atlas_label_index``: the label channel of every atlas voxel ``(b, x, y, z)``, if
+        known (the data pipeline gives it); else the fast path reads it off ``atlas_labels``.
         """
-        forward_field = self.forward_generator([atlas, target], training=training)
+        forward_field = self._generate(self.forward_generator, atlas, target, training)
         if self.schedule.freeze_forward_steps:
             forward_field = gradient_gate(forward_field,
                                           self._open_from(self.schedule.freeze_forward_steps))
-        out = {"forward_field": forward_field,
-               "warped_atlas": self.warp_image([atlas, forward_field])}
+        out = {"forward_field": forward_field}
+        if self.fast_path:
+            out["forward_corners"] = trilinear.corner_table(forward_field)
+        out["warped_atlas"] = self._warp_image(atlas, forward_field, out.get("forward_corners"))
         if self.uses_labels:
-            out["warped_atlas_labels"] = self.warp_labels([atlas_labels, forward_field])
+            out["warped_atlas_labels"], out["atlas_label_index"] = self._warp_atlas_labels(
+                atlas_labels, atlas_label_index, forward_field, out.get("forward_corners"))
         if self.backward_generator is None:
             return out
         seen = {name: out[name] for name in CYCLE_INPUTS if name in out}
@@ -148,20 +164,65 @@ class LTNet(tf.keras.Model):
             is_open = self._open_from(self.schedule.cycle_backward_only_steps)
             seen = {name: gradient_gate(value, is_open) for name, value in seen.items()}
         out["cycle_inputs"] = seen
-        backward_field = self.backward_generator([seen["warped_atlas"], atlas], training=training)
+        backward_field = self._generate(self.backward_generator, seen["warped_atlas"], atlas,
+                                        training)
         out["backward_field"] = backward_field
+        if self.fast_path:
+            out["backward_corners"] = trilinear.corner_table(backward_field)
         if self.penalties.reconstruction == "composed":
-            # l o dp_F o dp_B in one resampling (see PenaltyConfig).
-            round_trip = losses.compose_fields(backward_field, seen["forward_field"])
-            out["reconstructed_atlas"] = self.warp_image([atlas, round_trip])
+            # l o dp_F o dp_B in one resampling (see PenaltyConfig): dp_F is read at
+            # t + dp_B(t), the backward field's sample points.
+            round_trip = losses.compose_fields(
+                backward_field, seen["forward_field"],
+                warp=self._warp_along(out.get("backward_corners")))
+            corners = trilinear.corner_table(round_trip) if self.fast_path else None
+            out["reconstructed_atlas"] = self._warp_image(atlas, round_trip, corners)
             if self.uses_labels:
-                out["reconstructed_atlas_labels"] = self.warp_labels([atlas_labels, round_trip])
+                out["reconstructed_atlas_labels"], _ = self._warp_atlas_labels(
+                    atlas_labels, out.get("atlas_label_index"), round_trip, corners)
             return out
-        out["reconstructed_atlas"] = self.warp_image([seen["warped_atlas"], backward_field])
+        out["reconstructed_atlas"] = self._warp_image(seen["warped_atlas"], backward_field,
+                                                      out.get("backward_corners"))
         if self.uses_labels:
-            out["reconstructed_atlas_labels"] = self.warp_labels(
-                [seen["warped_atlas_labels"], backward_field])
+            out["reconstructed_atlas_labels"] = self._rewarp_atlas_labels(out)
         return out
+
+    def _generate(self, generator, moving, fixed, training):
+        """``generator([moving, fixed])``; with ``train.recompute_generators`` its activations
+        are recomputed for the backward pass instead of kept (same values and gradients)."""
+        if not self.schedule.recompute_generators:
+            return generator([moving, fixed], training=training)
+        return tf.recompute_grad(lambda m, f: generator([m, f], training=training))(moving, fixed)
+
+    # -- the warps, straightforward (voxelmorph's layer) or fast (shared corner tables) --------
+    def _warp_image(self, image, field, corners):
+        if not self.fast_path:
+            return self.warp_image([image, field])
+        return trilinear.warp(image, field, corners)
+
+    def _warp_atlas_labels(self, atlas_labels, label_index, field, corners):
+        """``atlas_labels`` warped by ``field`` (``u_bar_s``, Eq. 2, for the forward field), and
+        the atlas' label index (``None`` on the straightforward path)."""
+        if not self.fast_path:
+            return self.warp_labels([atlas_labels, field]), None
+        if label_index is None:
+            label_index, is_one_hot = fused_losses.one_hot_index(atlas_labels)
+            with tf.control_dependencies([tf.debugging.Assert(is_one_hot, [
+                    "atlas_labels must be one-hot on LTNet's fast path (fast_path=False "
+                    "warps any label map)"])]):
+                label_index = tf.identity(label_index)
+        warped = trilinear.warp_one_hot(label_index, field, atlas_labels.shape[-1], corners)
+        return warped, label_index
+
+    def _rewarp_atlas_labels(self, out):
+        """``l_bar_s``: the cycle's warped labels warped back by the backward field."""
+        seen, backward_field = out["cycle_inputs"], out["backward_field"]
+        if not self.fast_path:
+            return self.warp_labels([seen["warped_atlas_labels"], backward_field])
+        # The gradient through u_bar_s reaches G_F via the (gated) forward field here.
+        return trilinear.rewarp_one_hot(out["atlas_label_index"], seen["warped_atlas_labels"],
+                                        seen["forward_field"], backward_field,
+                                        out["forward_corners"], out["backward_corners"])
 
     def generator_terms(self, cycle, atlas, atlas_labels, target):
         """Per-example value, shape ``(batch,)``, of every active term of Eq. (11)."""
@@ -184,15 +245,36 @@ class LTNet(tf.keras.Model):
         if "trans" in active:
             terms["trans"] = losses.transformation_consistency_loss(
                 seen["forward_field"], cycle["backward_field"], penalties.trans_eps,
-                penalties.trans_gamma)
-        if "anatomy_cyc" in active:
-            terms["anatomy_cyc"] = losses.anatomy_cycle_loss(
-                atlas_labels, cycle["reconstructed_atlas_labels"])
-        if "diff_cyc" in active:
-            terms["diff_cyc"] = losses.anatomy_difference_loss(
-                atlas_labels, seen["warped_atlas_labels"], cycle["reconstructed_atlas_labels"],
-                penalties.diff_eps, penalties.diff_gamma)
+                penalties.trans_gamma, warp=self._field_warp(cycle))
+        label_terms = {"anatomy_cyc", "diff_cyc"} & set(active)
+        if label_terms and self.fast_path:
+            fused = fused_losses.label_cycle_terms(
+                cycle["atlas_label_index"], seen["warped_atlas_labels"],
+                cycle["reconstructed_atlas_labels"], penalties.diff_eps, penalties.diff_gamma)
+            terms.update({name: fused[name] for name in label_terms})
+        elif label_terms:
+            if "anatomy_cyc" in active:
+                terms["anatomy_cyc"] = losses.anatomy_cycle_loss(
+                    atlas_labels, cycle["reconstructed_atlas_labels"])
+            if "diff_cyc" in active:
+                terms["diff_cyc"] = losses.anatomy_difference_loss(
+                    atlas_labels, seen["warped_atlas_labels"],
+                    cycle["reconstructed_atlas_labels"], penalties.diff_eps,
+                    penalties.diff_gamma)
         return terms
+
+    def _field_warp(self, cycle):
+        """How Eq. (8) resamples dp_B at ``t + dp_F(t)``: voxelmorph's layer, or on the fast
+        path :func:`trilinear.warp` with the forward field's corners."""
+        return self._warp_along(cycle.get("forward_corners"))
+
+    def _warp_along(self, corners):
+        """``warp(moving, field)`` for :func:`losses.compose_fields`: ``None`` (voxelmorph's
+        layer) on the straightforward path, else :func:`trilinear.warp` with the corner table
+        of that field, computed once and shared."""
+        if not self.fast_path:
+            return None
+        return lambda moving, field: trilinear.warp(moving, field, corners)
 
     def current_weights(self):
         """Eq. (11) weights, with the non-VoxelMorph terms scaled by the ramp (if any)."""
@@ -222,7 +304,8 @@ class LTNet(tf.keras.Model):
         atlas, atlas_labels, target = data["atlas"], data["atlas_labels"], data["target"]
 
         with tf.GradientTape() as tape:
-            cycle = self.correspondence_cycle(atlas, atlas_labels, target, training=True)
+            cycle = self.correspondence_cycle(atlas, atlas_labels, target, training=True,
+                                              atlas_label_index=data.get("atlas_label_index"))
             terms = self.generator_terms(cycle, atlas, atlas_labels, target)
             total = losses.total_generator_loss(terms, self.current_weights())
             generator_loss = self._replica_mean(total)

@@ -233,3 +233,14 @@ def test_paper_crop_on_real_subject(lpba40_root):
     world = spec.affine_of_network_grid(image.affine) @ np.array([10, 20, 30, 1.0])
     original_centre = np.asarray(spec.crop_start) + 2 * np.array([10, 20, 30]) + 0.5
     np.testing.assert_allclose(world, image.affine @ np.append(original_centre, 1.0))
+
+
+def test_brain_bbox_equals_the_extremes_of_argwhere():
+    """brain_bbox reads the box off per-axis projections (fast path of segment's reading);
+    it must equal the straightforward box of every foreground voxel."""
+    rng = np.random.default_rng(0)
+    for _ in range(30):
+        image = np.zeros(tuple(rng.integers(2, 20, 3)))
+        image[tuple(rng.integers(0, side, 5) for side in image.shape)] = 1.0
+        where = np.argwhere(image > 0.01)
+        assert brain_bbox(image) == (tuple(where.min(0)), tuple(where.max(0) + 1))
