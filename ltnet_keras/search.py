@@ -118,6 +118,7 @@ def run_setting(config: ExperimentConfig, run_dir, results_dir, verbose: int = 2
     """Train, score and record one setting; returns its row (without the twin columns)."""
     from ltnet_keras import evaluation
     from ltnet_keras.experiment import report, segment_and_score
+    from ltnet_keras.training import FORWARD_WEIGHTS
     run_dir, results_dir = Path(run_dir), Path(results_dir)
     row_path = results_dir / "row.json"
     if row_path.exists():
@@ -142,7 +143,10 @@ def run_setting(config: ExperimentConfig, run_dir, results_dir, verbose: int = 2
            "weakest_term": weakest, "weakest_ratio": ratio, "train_seconds": seconds,
            "is_voxelmorph_twin": is_voxelmorph_twin(config)}
     results_dir.mkdir(parents=True, exist_ok=True)
-    for name in ARTEFACTS + (f"scores_{method}.csv",):
+    # A twin's G_F (1.3 MB) is kept: rows that start from it (train.init_from) and
+    # `ltnet segment --run` can use the results folder itself.
+    kept = (FORWARD_WEIGHTS,) if row["is_voxelmorph_twin"] else ()
+    for name in ARTEFACTS + (f"scores_{method}.csv",) + kept:
         if (run_dir / name).exists():
             shutil.copy2(run_dir / name, results_dir / name)
     atomic_write_text(row_path, json.dumps(row, indent=2))
