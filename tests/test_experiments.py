@@ -167,3 +167,23 @@ def test_multi_atlas_with_one_atlas_is_the_single_atlas_segmentation(tiny_table)
     single, = result.scores["voxelmorph"]
     assert scores[1][0].mean_structure == pytest.approx(single.mean_structure, abs=1e-6)
     assert 0 < scores[2][0].mean_structure <= 1
+
+
+RECIPE_CONFIGS = sorted((EXPERIMENTS / "configs" / "recipe").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", RECIPE_CONFIGS, ids=lambda p: p.stem)
+def test_recipe_settings_share_one_protocol(path):
+    """Issue 6: same grid, atlas rule, subjects, seed and diagnostics in every setting; a
+    setting that starts from another run names a folder that holds one."""
+    config = load_config(path)
+    assert config.data.network_shape == (32, 48, 32) and config.data.atlas == "auto"
+    assert config.data.train_subjects == [f"S{i}" for i in range(11, 31)]
+    assert config.data.val_subjects == [f"S{i}" for i in range(31, 41)]
+    assert config.train.seed == 0 and config.train.log_grad_norms
+    assert config.train.steps in (500, 1000)
+    if config.train.init_from:
+        source = EXPERIMENTS.parent / config.train.init_from
+        assert (source / "forward_generator.h5").exists() and (source / "config.yaml").exists()
+    names = [load_config(p).name for p in RECIPE_CONFIGS]
+    assert len(set(names)) == len(names)
