@@ -80,12 +80,8 @@ def is_voxelmorph_twin(config: ExperimentConfig) -> bool:
 
 
 def _final_history_row(run_dir: Path) -> Dict[str, float]:
-    import csv
-    path = run_dir / "history.csv"
-    if not path.exists():
-        return {}
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    from ltnet_keras.training import read_history
+    rows = read_history(run_dir / "history.csv")
     return {k: float(v) for k, v in rows[-1].items()} if rows else {}
 
 

@@ -196,12 +196,18 @@ class RunMonitor(tf.keras.callbacks.Callback):
             self.manager.save(checkpoint_number=step)
 
 
+def read_history(path) -> list:
+    """The rows of a run's ``history.csv`` as dicts of strings ([] if there is none)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
 def _truncate_history(path: Path, step: int) -> None:
     """Drop history rows past the checkpoint we resume from (they will be recomputed)."""
-    if not path.exists():
-        return
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = read_history(path)
     if not rows:
         return
     kept = [r for r in rows if int(float(r["step"])) <= step]
@@ -216,10 +222,7 @@ def _truncate_history(path: Path, step: int) -> None:
 def plot_history(history_path: Path, out_path: Path) -> None:
     # A bare Figure (no pyplot) leaves the caller's matplotlib backend alone, e.g. in notebooks.
     from matplotlib.figure import Figure
-    if not history_path.exists():
-        return
-    with open(history_path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+    rows = read_history(history_path)
     if not rows:
         return
     steps = [float(r["step"]) for r in rows]
