@@ -60,6 +60,10 @@ class NetworkConfig:
     disc_norm: str = "instance"
 
 
+#: Loss terms beyond Eq. (11) (see :class:`LossWeights`).
+EXTENSION_TERMS = ("inverse_sim", "inverse_trans")
+
+
 @dataclass
 class LossWeights:
     """Multiplier of each term of Eq. (11); 0 switches a term (and networks only it needs) off."""
@@ -70,6 +74,13 @@ class LossWeights:
     trans: float = 3.0
     anatomy_cyc: float = 3.0
     diff_cyc: float = 3.0
+    # Not in the paper (0 = off): G_B also registers the scan itself to the atlas,
+    # G_B(u, l), scored by NCC against l (inverse_sim), and that direct backward field must
+    # invert G_F's as Eq. (8) asks of the cycle's (inverse_trans). Unlike Eq. (7)-(10), which
+    # any invertible pair satisfies, this ties G_F to a second, independently supervised
+    # estimate of the same correspondence (symmetric registration).
+    inverse_sim: float = 0.0
+    inverse_trans: float = 0.0
     ncc_window: int = 9
 
     def terms(self) -> Dict[str, float]:
@@ -78,7 +89,13 @@ class LossWeights:
 
     @property
     def needs_backward(self) -> bool:
-        return any(getattr(self, n) > 0 for n in ("cyc", "trans", "anatomy_cyc", "diff_cyc"))
+        return any(getattr(self, n) > 0 for n in ("cyc", "trans", "anatomy_cyc", "diff_cyc")
+                   + EXTENSION_TERMS)
+
+    @property
+    def needs_direct_backward(self) -> bool:
+        """G_B run on the scan itself, ``G_B(u, l)`` (the extension terms)."""
+        return any(getattr(self, n) > 0 for n in EXTENSION_TERMS)
 
     @property
     def needs_discriminator(self) -> bool:

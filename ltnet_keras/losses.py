@@ -24,14 +24,15 @@ import numbers
 
 import tensorflow as tf  # the package __init__ has already set TF_USE_LEGACY_KERAS=1
 
-from ltnet_keras.config import LossWeights
+from ltnet_keras.config import EXTENSION_TERMS, LossWeights
 
 #: Effective multiplier of each term in Eq. (11) with the paper's lambda_1 = 10, lambda_2 = 3:
 #: L = GAN + sim + 10 * cyc + 3 * (anatomy_cyc + smooth + trans + diff_cyc).
-EQ11_WEIGHTS = LossWeights().terms()
+EQ11_WEIGHTS = {name: weight for name, weight in LossWeights().terms().items()
+                if name not in EXTENSION_TERMS}
 
-#: The term names :func:`total_generator_loss` accepts.
-TERM_NAMES = tuple(EQ11_WEIGHTS)
+#: The term names :func:`total_generator_loss` accepts (Eq. (11)'s and the extensions).
+TERM_NAMES = tuple(LossWeights().terms())
 
 
 def _f32(x):

@@ -362,3 +362,39 @@ def test_resampled_real_scans_for_the_discriminator():
     assert resampled.shape == target.shape
     assert variation(resampled) < 0.95 * variation(target.numpy())
     assert abs(resampled.mean() - float(tf.reduce_mean(target))) < 0.02
+
+
+# ----------------------------------------------------------------------------- symmetric extension
+
+def test_inverse_terms_by_hand_and_on_both_generators():
+    """inverse_sim = -NCC(atlas, u warped by G_B(u, atlas)); inverse_trans = Eq. (8) with that
+    field; both straightforward and fast paths agree; inverse_trans reaches G_F, inverse_sim
+    does not; the paper's presets leave both off (no extra G_B pass)."""
+    import voxelmorph as vxm
+    tf.keras.utils.set_random_seed(0)
+    weights = {"gan": 0.0, "inverse_sim": 1.0, "inverse_trans": 0.5}
+    fast = build_model(ltnet_config(weights=weights), SHAPE)
+    slow = build_model(ltnet_config(weights=weights), SHAPE, fast_path=False)
+    slow.set_weights(fast.get_weights())
+    batch = random_batch()
+    atlas, labels, target = batch["atlas"], batch["atlas_labels"], batch["target"]
+
+    direct = fast.backward_generator([target, atlas])
+    forward = fast.forward_generator([atlas, target])
+    warped_target = vxm.layers.SpatialTransformer(indexing="ij")([target, direct])
+    expected_sim = -losses.local_ncc(atlas, warped_target).numpy()
+    expected_trans = losses.transformation_consistency_loss(forward, direct, 0.001, 0.45).numpy()
+    for model in (fast, slow):
+        terms = model.generator_terms(model.correspondence_cycle(atlas, labels, target),
+                                      atlas, labels, target)
+        assert terms["inverse_sim"].numpy() == pytest.approx(expected_sim, rel=1e-4)
+        assert terms["inverse_trans"].numpy() == pytest.approx(expected_trans, rel=1e-4)
+
+    norms = fast.field_gradient_norms(atlas, labels, target)
+    assert float(norms["grad_inverse_trans"]) > 0.0
+    assert float(norms["grad_inverse_sim"]) == 0.0   # a G_B-only term
+
+    paper = build_model(ltnet_config(weights={"gan": 0.0}), SHAPE)
+    assert "direct_backward_field" not in paper.correspondence_cycle(atlas, labels, target)
+    assert set(losses.EQ11_WEIGHTS) == {"gan", "sim", "cyc", "smooth", "trans", "anatomy_cyc",
+                                        "diff_cyc"}

@@ -73,6 +73,7 @@ class LTNet(tf.keras.Model):
         self.term_weights: Dict[str, float] = {k: v for k, v in weights.terms().items() if v > 0}
         self.ncc_window = weights.ncc_window
         self.uses_labels = weights.needs_atlas_labels
+        self.uses_direct_backward = weights.needs_direct_backward
         self.forward_generator = make_generator(self.inshape, network, "forward_generator")
         self.backward_generator = (make_generator(self.inshape, network, "backward_generator")
                                    if weights.needs_backward else None)
@@ -169,6 +170,8 @@ class LTNet(tf.keras.Model):
         out["backward_field"] = backward_field
         if self.fast_path:
             out["backward_corners"] = trilinear.corner_table(backward_field)
+        if self.uses_direct_backward:
+            out.update(self.direct_backward(atlas, target, training))
         if self.penalties.reconstruction == "composed":
             # l o dp_F o dp_B in one resampling (see PenaltyConfig): dp_F is read at
             # t + dp_B(t), the backward field's sample points.
@@ -186,6 +189,18 @@ class LTNet(tf.keras.Model):
         if self.uses_labels:
             out["reconstructed_atlas_labels"] = self._rewarp_atlas_labels(out)
         return out
+
+    def direct_backward(self, atlas, target, training=False):
+        """Not in the paper: G_B registers the scan itself to the atlas, ``G_B(u, l)``.
+
+        Returns ``direct_backward_field`` and ``inverse_warped_target`` (``u`` pulled onto the
+        atlas' grid by it), which the extension terms ``inverse_sim`` and ``inverse_trans``
+        score (see :class:`~ltnet_keras.config.LossWeights`).
+        """
+        field = self._generate(self.backward_generator, target, atlas, training)
+        corners = trilinear.corner_table(field) if self.fast_path else None
+        return {"direct_backward_field": field,
+                "inverse_warped_target": self._warp_image(target, field, corners)}
 
     def _generate(self, generator, moving, fixed, training):
         """``generator([moving, fixed])``; with ``train.recompute_generators`` its activations
@@ -236,6 +251,8 @@ class LTNet(tf.keras.Model):
             terms["smooth"] = losses.smoothness_loss(cycle["forward_field"])
             if "backward_field" in cycle:  # Eq. (6)
                 terms["smooth"] += losses.smoothness_loss(cycle["backward_field"])
+            if "direct_backward_field" in cycle:  # the same regulariser on G_B's own output
+                terms["smooth"] += losses.smoothness_loss(cycle["direct_backward_field"])
         if "gan" in active:
             terms["gan"] = losses.lsgan_generator_loss(
                 self.discriminator(self._discriminator_view(cycle["warped_atlas"])))
@@ -245,6 +262,14 @@ class LTNet(tf.keras.Model):
         if "trans" in active:
             terms["trans"] = losses.transformation_consistency_loss(
                 seen["forward_field"], cycle["backward_field"], penalties.trans_eps,
+                penalties.trans_gamma, warp=self._field_warp(cycle))
+        if "inverse_sim" in active:
+            terms["inverse_sim"] = losses.similarity_loss(atlas, cycle["inverse_warped_target"],
+                                                          self.ncc_window)
+        if "inverse_trans" in active:
+            # Eq. (8)'s composition and penalty, with G_B's field of the scan itself.
+            terms["inverse_trans"] = losses.transformation_consistency_loss(
+                seen["forward_field"], cycle["direct_backward_field"], penalties.trans_eps,
                 penalties.trans_gamma, warp=self._field_warp(cycle))
         label_terms = {"anatomy_cyc", "diff_cyc"} & set(active)
         if label_terms and self.fast_path:
