@@ -1,23 +1,20 @@
-"""Shared machinery of the table scripts: rows, training/scoring with resume, paper-style tables.
+"""Shared machinery of the table scripts: rows, training/scoring with resume, run reuse.
 
 Each table script (``table1_forward_backward.py`` ... ``table5_sota.py``) parses its arguments
 with :func:`build_parser`, loads one YAML per row from ``experiments/configs/<table>/`` and calls
 :func:`run_table` (or the pieces it is made of). A row's run lives in ``<out>/<row>/`` (a normal
 run directory: an interrupted run resumes, a finished and scored one is read back, not redone);
-the table lands in ``<out>/<table>.md`` and ``<out>/<table>.csv`` with ``<out>/provenance.json``.
+``--runs ROW=DIR`` reuses a finished run instead. Tables 1 and 2 run each row twice: with the
+paper's weights and with a recipe's (:func:`recipe_variant`; runs in ``<out>/recipe/<row>/``,
+keys ``ROW@recipe``).
 
-The paper's numbers (:data:`PAPER_REFERENCE`, :data:`PAPER_TABLE4`) are kept here and nowhere
-else. They are on CANDI (103 T1 scans, 28 structures, 160x160x128 crops, long GPU training);
-ours are on LPBA40 (56 labels merged into 28 mostly cortical structures), so only the ordering
-of the methods can be compared, never the absolute values.
+The table files (``<table>.md``, ``.csv``, ``_subjects.csv``, ``.png``, ``provenance.json``) and
+the paper's numbers come from :mod:`ltnet_keras.tables`; the names are re-exported here so the
+scripts import everything from one place.
 """
 import argparse
 import dataclasses
-import datetime
 import json
-import platform
-import subprocess
-import sys
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
@@ -26,66 +23,14 @@ import yaml
 
 import ltnet_keras  # noqa: F401  (sets up tf.keras before TensorFlow loads)
 from ltnet_keras import evaluation
-from ltnet_keras.config import ExperimentConfig, config_to_dict, load_config
-from ltnet_keras.records import atomic_write_text, csv_text, package_versions
+from ltnet_keras.config import (ExperimentConfig, LossWeights, config_to_dict, load_config,
+                                validate)
+from ltnet_keras.tables import (PAPER_NOTE, PAPER_REFERENCE, PAPER_TABLE4,  # noqa: F401
+                                SHARED_STRUCTURES, Row, format_markdown_table, write_provenance,
+                                write_structure_table, write_table)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
-
-PAPER_NOTE = ("Paper numbers are on CANDI (103 scans, 28 mostly subcortical and tissue labels, "
-              "160x160x128 crops, long training on two GPUs); ours are on LPBA40 (28 mostly "
-              "cortical merged structures) at a reduced grid and step budget. Compare the ordering "
-              "of the rows, not the absolute values.")
-
-# ----------------------------------------------------------------------------- the paper's numbers
-# Mean (std), min, max of the per-subject mean Dice (%) over the CANDI test subjects
-# (Wang et al., CVPR 2020, Tables 1, 2, 3 and 5). CANDI numbers: NOT comparable in absolute value.
-PAPER_REFERENCE: Dict[str, Dict[str, tuple]] = {
-    "table1": {
-        "VoxelMorph": (76.0, 9.7, 61.7, 80.1),
-        "+ L_GAN": (79.0, 3.1, 72.7, 81.9),
-        "+ L_GAN + L_cyc": (79.2, 2.8, 72.7, 82.1),
-    },
-    "table2": {
-        "Baseline": (79.2, 2.8, 72.7, 82.1),
-        "+ L_trans": (80.9, 2.7, 73.6, 83.2),
-        "+ L_anatomy_cyc": (80.5, 2.5, 74.2, 83.1),
-        "+ L_trans + L_anatomy_cyc": (81.4, 2.6, 74.4, 83.8),
-        "+ L_trans + L_anatomy_cyc + L_diff_cyc": (82.3, 2.5, 75.6, 84.2),
-    },
-    "table3": {
-        "MABMIS, 2 atlases": (70.4, 4.4, 63.0, 75.9),
-        "MABMIS, 3 atlases": (74.5, 5.2, 63.2, 80.4),
-        "MABMIS, 4 atlases": (77.8, 3.9, 72.0, 82.5),
-        "MABMIS, 5 atlases": (81.1, 3.6, 76.0, 85.6),
-        "LT-Net, 1 atlas": (82.3, 2.5, 75.6, 84.2),
-    },
-    "table5": {
-        "VoxelMorph": (76.0, 9.7, 61.7, 80.1),
-        "DataAug": (80.4, 4.3, 73.8, 84.0),
-        "LT-Net": (82.3, 2.5, 75.6, 84.2),
-        "U-Net (upper bound)": (86.5, 6.3, 83.7, 89.2),
-    },
-}
-# Table 4: mean Dice (%) per CANDI structure (left and right merged).
-PAPER_TABLE4 = {
-    "structures": ["Cerebral-WM", "Cerebral-CX", "Lateral-Vent", "Cerebellum-WM", "Cerebellum-CX",
-                   "Thalamus-Proper", "Caudate", "Putamen", "Pallidum", "3rd-Vent", "4th-Vent",
-                   "Brain-Stem", "Hippocampus", "Amygdala", "CSF", "VentralDC"],
-    "rows": {
-        "VoxelMorph": [81.7, 87.1, 76.7, 74.0, 86.3, 84.7, 79.6, 83.3, 74.0, 62.9, 69.8, 87.1,
-                       59.2, 66.5, 50.9, 76.6],
-        "DataAug": [90.5, 93.3, 87.5, 82.3, 93.2, 87.3, 81.3, 82.8, 73.7, 66.3, 72.2, 90.5, 72.5,
-                    69.2, 63.3, 80.3],
-        "LT-Net": [85.8, 90.9, 83.1, 80.0, 91.6, 87.9, 85.5, 88.4, 80.5, 68.4, 79.7, 92.4, 71.6,
-                   71.6, 67.1, 82.3],
-        "U-Net (upper bound)": [92.0, 93.1, 91.8, 87.9, 93.1, 90.6, 88.1, 88.7, 82.5, 79.0, 84.9,
-                                92.2, 80.3, 75.3, 69.8, 85.9],
-    },
-}
-# The few LPBA40 structures that also exist in CANDI's protocol (for a side-by-side look only).
-SHARED_STRUCTURES = {"caudate": "Caudate", "putamen": "Putamen", "hippocampus": "Hippocampus",
-                     "brainstem": "Brain-Stem"}
 
 # Rows of each table: config file stem -> (label in our table, paper row it corresponds to).
 TABLE_ROWS: Dict[str, Dict[str, tuple]] = {
@@ -108,6 +53,7 @@ NO_REGISTRATION = "Atlas labels, no registration"
 # (``--smoke``; the tests use it too). Not a result: 10 steps train nothing.
 SMOKE_OVERRIDES = {
     "train.steps": 10,
+    "train.log_every": 10,
     "train.checkpoint_every": 10,
     "data.crop_shape": [128, 192, 128],
     "data.factor": 4,
@@ -115,6 +61,73 @@ SMOKE_OVERRIDES = {
     "data.val_subjects": ["S13"],
     "data.atlas": "S11",
 }
+
+# ----------------------------------------------------------------------------- recipe variants
+# The tuned recipe the lead writes; until it exists, a finished recipe-search setting stands in.
+DEFAULT_RECIPE = CONFIG_DIR / "ltnet_tuned.yaml"
+STAND_IN_RECIPE = CONFIG_DIR / "recipe" / "06_group_0.1_0.03.yaml"
+RECIPE_SUFFIX = "@recipe"
+RECIPE_DIR_NAME = "recipe"          # <out>/recipe/<row>/ holds a row's recipe-weights run
+PAPER_WEIGHTS, RECIPE_WEIGHTS = "paper weights", "recipe weights"
+# The terms LT-Net adds to VoxelMorph (L_sim + L_smooth). A row with none of them is VoxelMorph
+# with its own lambda = 1: it is trained once and shown under both weight sets.
+LTNET_TERMS = ("gan", "cyc", "trans", "anatomy_cyc", "diff_cyc")
+# Recipe settings that are bookkeeping or protocol, not part of what a recipe changes.
+_PROTOCOL_TRAIN_KEYS = ("steps", "log_every", "checkpoint_every", "seed", "devices",
+                        "jit_compile", "log_grad_norms", "recompute_generators")
+
+
+def has_ltnet_terms(config: ExperimentConfig) -> bool:
+    return any(getattr(config.weights, term) > 0 for term in LTNET_TERMS)
+
+
+def recipe_variant(row: ExperimentConfig, recipe: ExperimentConfig) -> ExperimentConfig:
+    """``row`` trained with ``recipe``'s weights, for the tables' second column.
+
+    A term that is 0 in ``row`` (switched off by the paper's ablation, Tables 1-2) stays 0;
+    every other term of Eq. (11) takes the recipe's weight, so a term the recipe sets to 0 is
+    off too. The NCC window and the penalties (Eq. 7, 8, 10 and the reconstruction of Eq. 5)
+    are the recipe's. Data, network, training protocol and preset are the row's; the name gets
+    a ``_recipe`` suffix. Pure: neither argument is modified.
+    """
+    weights = {term: (getattr(recipe.weights, term) if value > 0 else 0.0)
+               for term, value in row.weights.terms().items()}
+    weights["ncc_window"] = recipe.weights.ncc_window
+    variant = dataclasses.replace(row, name=f"{row.name}_recipe",
+                                  weights=LossWeights(**weights),
+                                  penalties=dataclasses.replace(recipe.penalties))
+    validate(variant)
+    return variant
+
+
+def switched_off_by_recipe(row: ExperimentConfig, recipe: ExperimentConfig) -> List[str]:
+    """Terms on in ``row`` that the recipe sets to 0 (so its recipe variant lacks them)."""
+    return [term for term, value in row.weights.terms().items()
+            if value > 0 and getattr(recipe.weights, term) == 0]
+
+
+def ignored_recipe_settings(recipe: ExperimentConfig) -> List[str]:
+    """The recipe's training settings that :func:`recipe_variant` does not carry over (only
+    weights and penalties are), as ``"train.key=value"``; empty for a weights-only recipe."""
+    reference = dataclasses.asdict(type(recipe.train)())
+    return [f"train.{key}={value}" for key, value in dataclasses.asdict(recipe.train).items()
+            if key not in _PROTOCOL_TRAIN_KEYS and value != reference[key]]
+
+
+def resolve_recipe(path: Optional[Path]) -> Path:
+    """``--recipe``: the given file (must exist), else :data:`DEFAULT_RECIPE`, else the
+    stand-in :data:`STAND_IN_RECIPE` (said loudly)."""
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SystemExit(f"--recipe {path}: no such file")
+        return path
+    if DEFAULT_RECIPE.is_file():
+        return DEFAULT_RECIPE
+    print(f"NOTE: the tuned recipe {DEFAULT_RECIPE.relative_to(REPO_ROOT)} does not exist yet; "
+          f"the recipe-weights rows use the stand-in "
+          f"{STAND_IN_RECIPE.relative_to(REPO_ROOT)} (give another with --recipe PATH)")
+    return STAND_IN_RECIPE
 
 
 # ----------------------------------------------------------------------------- rows and configs
@@ -146,9 +159,10 @@ def parse_set(items: Sequence[str]) -> dict:
     return overrides
 
 
-def build_parser(table: str, description: str, reuse_runs: bool = False
-                 ) -> argparse.ArgumentParser:
-    """The arguments every table script shares; ``reuse_runs`` adds ``--runs ROW=RUN_DIR``."""
+def build_parser(table: str, description: str, reuse_runs: bool = False,
+                 recipe: bool = False) -> argparse.ArgumentParser:
+    """The arguments every table script shares; ``reuse_runs`` adds ``--runs ROW=RUN_DIR``,
+    ``recipe`` adds ``--recipe PATH`` and ``--paper-only`` (Tables 1-2)."""
     parser = argparse.ArgumentParser(description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / table,
@@ -166,8 +180,18 @@ def build_parser(table: str, description: str, reuse_runs: bool = False
                              "pipeline end to end, produces no meaningful numbers")
     parser.add_argument("--verbose", type=int, default=2, help="Keras fit verbosity (0, 1, 2)")
     if reuse_runs:
-        parser.add_argument("--runs", nargs="+", metavar="ROW=RUN_DIR", default=[],
-                            help="reuse finished runs instead of training these rows")
+        keys = "ROW or ROW@recipe" if recipe else "ROW"
+        parser.add_argument("--runs", nargs="+", metavar="KEY=RUN_DIR", default=[],
+                            help=f"reuse finished runs instead of training these rows (KEY: "
+                                 f"{keys}); a run whose config differs from the row's in more "
+                                 "than its name is used with a warning")
+    if recipe:
+        parser.add_argument("--recipe", type=Path, metavar="PATH",
+                            help="YAML whose weights and penalties the second run of every row "
+                                 f"uses (default {DEFAULT_RECIPE.relative_to(REPO_ROOT)}; until "
+                                 f"it exists, {STAND_IN_RECIPE.relative_to(REPO_ROOT)})")
+        parser.add_argument("--paper-only", action="store_true",
+                            help="only the paper's weights (no recipe-weights rows)")
     return parser
 
 
@@ -182,56 +206,103 @@ def overrides_from_args(args) -> dict:
     return overrides
 
 
-def parse_runs(items: Optional[Sequence[str]], table: str) -> Dict[str, Path]:
-    """``["ltnet=runs/table2/ltnet"]`` -> {row: finished run directory to reuse}."""
+def parse_runs(items: Optional[Sequence[str]], table: str,
+               suffixes: Sequence[str] = ()) -> Dict[str, Path]:
+    """``["ltnet=runs/table2/ltnet", "gan_cyc@recipe=DIR"]`` -> {key: finished run to reuse};
+    a key is a row of ``table``, or a row with one of ``suffixes`` (e.g. ``@recipe``)."""
+    valid = [row + suffix for row in TABLE_ROWS[table] for suffix in ("", *suffixes)]
     runs = {}
     for item in items or ():
-        row, sep, path = item.partition("=")
-        if not sep or row not in TABLE_ROWS[table]:
-            raise SystemExit(f"--runs expects ROW=RUN_DIR with ROW in {list(TABLE_ROWS[table])}; "
-                             f"got {item!r}")
-        runs[row] = Path(path)
+        key, sep, path = item.partition("=")
+        if not sep or key not in valid:
+            raise SystemExit(f"--runs expects KEY=RUN_DIR with KEY in {valid}; got {item!r}")
+        runs[key] = Path(path)
     return runs
 
 
+def _flatten(values: dict, prefix: str = "") -> Dict[str, object]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return flat
+
+
+def config_differences(ours: ExperimentConfig, theirs: ExperimentConfig,
+                       ignore: Sequence[str] = ("name",)) -> List[str]:
+    """``"train.steps: 500 != 1000"`` for every setting (dotted key) in which two configs
+    differ, except the keys in ``ignore``."""
+    a, b = _flatten(config_to_dict(ours)), _flatten(config_to_dict(theirs))
+    return [f"{key}: {a.get(key)!r} != {b.get(key)!r}" for key in sorted(set(a) | set(b))
+            if key not in ignore and a.get(key) != b.get(key)]
+
+
+def training_key(config: ExperimentConfig) -> str:
+    """Equal for two configs that train the same network the same way: name and preset are
+    labels, and the penalties only shape the cycle terms, so they do not count without them."""
+    values = config_to_dict(config)
+    values.pop("name")
+    values.pop("preset")
+    if not config.weights.needs_backward:
+        values.pop("penalties")
+    return json.dumps(values, sort_keys=True, default=str)
+
+
 # ----------------------------------------------------------------------------- training and scores
-
-def _read_yaml(path: Path):
-    return yaml.safe_load(path.read_text()) if path.exists() else None
-
 
 def _scores_path(run_dir: Path, config: ExperimentConfig) -> Path:
     return Path(run_dir) / f"scores_{config.preset}_{config.segment.label_interp}.csv"
 
 
-def _scores_current(run_dir: Path, config: ExperimentConfig) -> bool:
-    """The run finished with exactly ``config`` and its score file is newer than its weights."""
+def _saved_config(run_dir: Path) -> Optional[ExperimentConfig]:
+    try:
+        return load_config(Path(run_dir) / "config.yaml")
+    except (OSError, ValueError, TypeError, yaml.YAMLError):
+        return None
+
+
+def _current_scores(run_dir: Path, config: ExperimentConfig) -> Optional[Path]:
+    """The run's score file for ``config``, if the run finished with ``config`` (its name
+    aside: the recipe search names its runs differently) and the file is newer than its
+    weights and covers the held-out subjects. A table run writes ``scores_<preset>_<interp>``,
+    the recipe search ``scores_<name>_<interp>``: either is read."""
     from ltnet_keras.training import FORWARD_WEIGHTS
     run_dir = Path(run_dir)
-    scores, weights = _scores_path(run_dir, config), run_dir / FORWARD_WEIGHTS
-    if not (scores.exists() and weights.exists()):
-        return False
-    if _read_yaml(run_dir / "config.yaml") != config_to_dict(config):
-        return False
-    if scores.stat().st_mtime < weights.stat().st_mtime:
-        return False
-    subjects = [s.subject for s in evaluation.read_scores_csv(scores)]
-    return subjects == list(config.data.val_subjects)
+    weights = run_dir / FORWARD_WEIGHTS
+    saved = _saved_config(run_dir)
+    if not weights.exists() or saved is None or config_differences(saved, config):
+        return None
+    interp = config.segment.label_interp
+    for path in (_scores_path(run_dir, config), run_dir / f"scores_{saved.name}_{interp}.csv"):
+        if not path.exists() or path.stat().st_mtime < weights.stat().st_mtime:
+            continue
+        subjects = [s.subject for s in evaluation.read_scores_csv(path)]
+        if subjects == list(config.data.val_subjects):
+            return path
+    return None
+
+
+def _scores_current(run_dir: Path, config: ExperimentConfig) -> bool:
+    """The run finished with ``config`` (up to its name) and has current scores for it."""
+    return _current_scores(run_dir, config) is not None
 
 
 def train_and_score(config: ExperimentConfig, run_dir, verbose: int = 2
                     ) -> List[evaluation.SubjectScores]:
     """Train (or resume) one row and score its held-out subjects; a finished, scored run with
-    the same config is read back from its ``scores_<preset>_<interp>.csv`` instead."""
+    the same config (up to its name) is read back from its score file instead."""
     from ltnet_keras.experiment import run_experiment
     run_dir = Path(run_dir)
-    if _scores_current(run_dir, config):
-        print(f"[{run_dir.name}] finished and scored: reading {_scores_path(run_dir, config).name}")
-    else:
-        print(f"[{run_dir.name}] preset {config.preset}, {config.train.steps} steps, grid "
-              f"{config.data.network_shape} -> {run_dir}")
-        run_experiment(config, run_dir, verbose=verbose,
-                       label_interps=(config.segment.label_interp,))
+    current = _current_scores(run_dir, config)
+    if current is not None:
+        print(f"[{config.name}] finished and scored: reading {current}")
+        return evaluation.read_scores_csv(current)
+    print(f"[{config.name}] preset {config.preset}, {config.train.steps} steps, grid "
+          f"{config.data.network_shape} -> {run_dir}")
+    run_experiment(config, run_dir, verbose=verbose,
+                   label_interps=(config.segment.label_interp,))
     return evaluation.read_scores_csv(_scores_path(run_dir, config))
 
 
@@ -242,9 +313,12 @@ def score_existing_run(run_dir) -> tuple:
     run_dir = Path(run_dir)
     if not (run_dir / FORWARD_WEIGHTS).exists():
         raise SystemExit(f"{run_dir}: not a finished run (no {FORWARD_WEIGHTS})")
-    config = load_config(run_dir / "config.yaml")
-    path = _scores_path(run_dir, config)
-    if not _scores_current(run_dir, config):
+    config = _saved_config(run_dir)
+    if config is None:
+        raise SystemExit(f"{run_dir / 'config.yaml'}: missing or not a valid config")
+    path = _current_scores(run_dir, config)
+    if path is None:
+        path = _scores_path(run_dir, config)
         scores = segment_and_score(run_dir, config, list(config.data.val_subjects),
                                    config.segment.label_interp)
         evaluation.write_scores_csv(scores, path)
@@ -291,109 +365,10 @@ def majority_vote(label_maps: Sequence[np.ndarray]) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- provenance
 
-def _git(*args) -> Optional[str]:
-    try:
-        out = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                             timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
+# write_provenance (provenance.json) lives in ltnet_keras.tables and is imported above.
 
 
-def write_provenance(out_root, table: str, configs: Mapping[str, ExperimentConfig],
-                     overrides: Optional[dict] = None, extra: Optional[dict] = None) -> Path:
-    """``provenance.json``: what produced the table (configs, commit, versions, seeds, date)."""
-    out_root = Path(out_root)
-    out_root.mkdir(parents=True, exist_ok=True)
-    status = _git("status", "--porcelain")
-    record = {
-        "table": table,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-        "git_commit": _git("rev-parse", "HEAD"),
-        "git_dirty": None if status is None else bool(status),
-        "packages": package_versions(),
-        "platform": platform.platform(),
-        "overrides": dict(overrides or {}),
-        "seeds": {row: c.train.seed for row, c in configs.items()},
-        "configs": {row: config_to_dict(c) for row, c in configs.items()},
-    }
-    record.update(extra or {})
-    path = out_root / "provenance.json"
-    atomic_write_text(path, json.dumps(record, indent=2, default=str))
-    return path
-
-
-# ----------------------------------------------------------------------------- tables
-
-@dataclasses.dataclass
-class Row:
-    """One line of a table: our scores (None: not reproduced) and the paper row next to it."""
-    label: str
-    scores: Optional[List[evaluation.SubjectScores]]
-    paper: Optional[str] = None
-    note: str = ""
-
-    @property
-    def summary(self) -> Optional[dict]:
-        return evaluation.summarise(self.scores) if self.scores else None
-
-
-def _cell(summary, key):
-    if summary is None:
-        return "—"
-    if key == "mean":
-        return f"{summary['mean']:.1f} ({summary['std']:.1f})"
-    return f"{summary[key]:.1f}"
-
-
-def format_markdown_table(rows: Sequence[Row], reference: Mapping[str, tuple]) -> str:
-    """Our Mean (std) / Min / Max next to the paper's row (CANDI) for each line."""
-    header = ("| Method | Mean (std) | Min | Max | n | Paper row (CANDI) | Paper Mean (std) "
-              "| Paper Min | Paper Max |")
-    lines = [header, "|" + "---|" * 9]
-    for row in rows:
-        s = row.summary
-        ref = reference.get(row.paper) if row.paper else None
-        ours = [_cell(s, "mean"), _cell(s, "min"), _cell(s, "max"), str(s["n"]) if s else "—"]
-        if s is None and row.note:
-            ours[0] = row.note
-        paper = ([row.paper, f"{ref[0]:.1f} ({ref[1]:.1f})", f"{ref[2]:.1f}", f"{ref[3]:.1f}"]
-                 if ref else ["—"] * 4)
-        lines.append("| " + " | ".join([row.label, *ours, *paper]) + " |")
-    return "\n".join(lines)
-
-
-def write_table(out_root, table: str, title: str, rows: Sequence[Row], notes: Sequence[str] = (),
-                structures: bool = True) -> str:
-    """Write ``<table>.md`` and ``<table>.csv`` (plus each row's per-subject CSV); return the
-    Markdown. Scores are structure-level: each subject's mean Dice over the merged structures."""
-    out_root = Path(out_root)
-    out_root.mkdir(parents=True, exist_ok=True)
-    reference = PAPER_REFERENCE.get(table, {})
-    body = []
-    for row in rows:
-        s = row.summary
-        ref = reference.get(row.paper) if row.paper else None
-        body.append([row.label, "structure", s["n"] if s else "",
-                     *([f"{s[k]:.4f}" for k in ("mean", "std", "min", "max")] if s else [""] * 4),
-                     row.paper or "", *(list(ref) if ref else [""] * 4), row.note])
-    header = ["method", "level", "n", "mean", "std", "min", "max", "paper_row", "paper_mean",
-              "paper_std", "paper_min", "paper_max", "note"]
-    atomic_write_text(out_root / f"{table}.csv", csv_text(header, body))
-    scored = {row.label: row.scores for row in rows if row.scores}
-    text = [f"# {title}", "",
-            "Dice (%) on the held-out LPBA40 subjects: each subject's mean over the merged "
-            "(left/right) structures; Mean (std), Min and Max over subjects (std with ddof=0).",
-            "", format_markdown_table(rows, reference), "", f"Note: {PAPER_NOTE}", ""]
-    text += [f"Note: {n}" for n in notes] + ([""] if notes else [])
-    if structures and scored:
-        text += ["Per structure (mean (std) over subjects):", "", "```",
-                 evaluation.format_structure_table(scored), "```", ""]
-    markdown = "\n".join(text)
-    atomic_write_text(out_root / f"{table}.md", markdown)
-    return markdown
-
+# ----------------------------------------------------------------------------- running a table
 
 @dataclasses.dataclass
 class TableResult:
@@ -402,119 +377,202 @@ class TableResult:
     scores: Dict[str, List[evaluation.SubjectScores]]
     baseline: List[evaluation.SubjectScores]
     markdown: str
+    rows: List[Row] = dataclasses.field(default_factory=list)
+    # key -> {"run": DIR, "differences": [...]} (given with --runs) or {"shared_with": KEY}
+    reuse: Dict[str, dict] = dataclasses.field(default_factory=dict)
+
+
+def collect_runs(configs: Mapping[str, ExperimentConfig], run_dirs: Mapping[str, Path],
+                 runs: Optional[Mapping[str, Path]] = None, verbose: int = 2) -> tuple:
+    """Train and score every key of ``configs`` in ``run_dirs[key]`` (resuming; a finished,
+    scored run is read back). ``runs[key]``: a finished run used instead, whatever its config
+    (differences from ``configs[key]`` are printed and recorded). A key that trains exactly like
+    an earlier one (:func:`training_key`) shares that run.
+
+    Returns (configs, run_dirs, scores, reuse), keyed like ``configs``; reused runs replace
+    their key's config and directory; ``reuse`` records what was reused or shared.
+    """
+    runs = dict(runs or {})
+    unused = sorted(set(runs) - set(configs))
+    if unused:
+        print(f"WARNING: --runs {unused} are not rows of this run (rows: {list(configs)})")
+    configs, run_dirs = dict(configs), {key: Path(d) for key, d in run_dirs.items()}
+    scores, reuse, first_of = {}, {}, {}
+    for key, config in list(configs.items()):
+        if key in runs:
+            reused, scores[key] = score_existing_run(runs[key])
+            differences = config_differences(config, reused)
+            if differences:
+                print(f"WARNING: {key} reuses {runs[key]}, whose config differs from the row's "
+                      f"(row != run): " + "; ".join(differences))
+            reuse[key] = {"run": str(runs[key]), "differences": differences}
+            configs[key], run_dirs[key] = reused, Path(runs[key])
+        elif training_key(config) in first_of:
+            shared = first_of[training_key(config)]
+            print(f"[{key}] trains exactly like {shared} (same weights and settings): "
+                  f"sharing its run {run_dirs[shared]}")
+            scores[key], run_dirs[key] = scores[shared], run_dirs[shared]
+            reuse[key] = {"shared_with": shared}
+        else:
+            scores[key] = train_and_score(config, run_dirs[key], verbose)
+        first_of.setdefault(training_key(configs[key]), key)
+    return configs, run_dirs, scores, reuse
+
+
+def _baseline(configs: Mapping[str, ExperimentConfig], run_dirs: Mapping[str, Path]):
+    """The no-registration floor, once, from the first row's atlas and held-out subjects."""
+    first = next(iter(configs))
+    atlases = {key: run_atlas(d) for key, d in run_dirs.items()}
+    held_out = {key: list(c.data.val_subjects) for key, c in configs.items()}
+    if len(set(atlases.values())) > 1 or len({tuple(v) for v in held_out.values()}) > 1:
+        print(f"WARNING: rows differ in atlas {atlases} or held-out subjects; the "
+              f"no-registration row uses row {first!r}")
+    return baseline_scores(configs[first], atlases[first])
 
 
 def collect_rows(table: str, config_paths: Sequence[Path], out_root,
                  overrides: Optional[dict] = None, runs: Optional[Mapping[str, Path]] = None,
                  verbose: int = 2):
-    """Train/score each row (``runs`` maps a row to a finished run to reuse instead).
-
-    Returns (configs, run_dirs, scores, baseline scores), keyed by row.
-    """
+    """Train/score each row in ``<out_root>/<row>`` (``runs`` maps a row to a finished run to
+    reuse instead). Returns (configs, run_dirs, scores, baseline scores), keyed by row."""
     out_root = Path(out_root)
-    runs = dict(runs or {})
     configs = load_rows(config_paths, overrides)
-    run_dirs, scores = {}, {}
-    for row, config in configs.items():
-        if row in runs:
-            configs[row], scores[row] = score_existing_run(runs[row])
-            run_dirs[row] = runs[row]
-        else:
-            run_dirs[row] = out_root / row
-            scores[row] = train_and_score(config, run_dirs[row], verbose)
     if not configs:
         raise SystemExit(f"{table}: no rows to run")
-    first = next(iter(configs))
-    atlases = {row: run_atlas(d) for row, d in run_dirs.items()}
-    held_out = {row: list(c.data.val_subjects) for row, c in configs.items()}
-    if len(set(atlases.values())) > 1 or len({tuple(v) for v in held_out.values()}) > 1:
-        print(f"WARNING: rows differ in atlas {atlases} or held-out subjects; the "
-              f"no-registration row uses row {first!r}")
-    baseline = baseline_scores(configs[first], atlases[first])
-    return configs, run_dirs, scores, baseline
+    configs, run_dirs, scores, _ = collect_runs(
+        configs, {row: out_root / row for row in configs}, runs, verbose)
+    return configs, run_dirs, scores, _baseline(configs, run_dirs)
+
+
+def twin_configs(paper: Mapping[str, ExperimentConfig],
+                 recipe: ExperimentConfig) -> Dict[str, ExperimentConfig]:
+    """Every row with the paper's weights, then ``ROW@recipe`` (:func:`recipe_variant`) for
+    each row with LT-Net terms; VoxelMorph's row has none and serves both weight sets."""
+    configs = dict(paper)
+    for row, config in paper.items():
+        if has_ltnet_terms(config):
+            configs[row + RECIPE_SUFFIX] = recipe_variant(config, recipe)
+    return configs
+
+
+def run_dir_for(out_root, key: str) -> Path:
+    """``ROW`` -> ``<out>/ROW``; ``ROW@recipe`` -> ``<out>/recipe/ROW``."""
+    row, suffix = key.split("@", 1) if "@" in key else (key, "")
+    return Path(out_root) / RECIPE_DIR_NAME / row if suffix else Path(out_root) / row
+
+
+def table_rows(table: str, rows: Sequence[str], scores: Mapping[str, list],
+               baseline: list) -> List[Row]:
+    """The floor, then each row; a row with a recipe variant in ``scores`` appears twice (paper
+    and recipe weights), one without (VoxelMorph, or a paper-only table) once."""
+    labels = TABLE_ROWS.get(table, {})
+    out = [Row(NO_REGISTRATION, baseline, note="floor: affine pre-alignment only")]
+    for row in rows:
+        label, paper = labels.get(row, (row, None))
+        if row + RECIPE_SUFFIX in scores:
+            out += [Row(label, scores[row], paper, variant=PAPER_WEIGHTS),
+                    Row(label, scores[row + RECIPE_SUFFIX], paper, variant=RECIPE_WEIGHTS)]
+        else:
+            out.append(Row(label, scores[row], paper))
+    return out
+
+
+def _shown(path: Path) -> str:
+    path = Path(path).resolve()
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+def _recipe_notes(table: str, recipe_path: Path, recipe: ExperimentConfig,
+                  paper: Mapping[str, ExperimentConfig]) -> List[str]:
+    weights = ", ".join(f"{k} {v:g}" for k, v in recipe.weights.terms().items())
+    penalties = ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(recipe.penalties).items())
+    stand_in = (" (a stand-in: the tuned recipe "
+                f"{_shown(DEFAULT_RECIPE)} did not exist when this table ran)"
+                if Path(recipe_path).resolve() == STAND_IN_RECIPE.resolve() else "")
+    notes = [f"Recipe weights: {_shown(recipe_path)}{stand_in}: weights {weights}; penalties "
+             f"{penalties}. Each row keeps the terms the paper's row switches off at 0; every "
+             "other term takes the recipe's weight, the penalties are the recipe's, everything "
+             "else (grid, steps, seed) is the row's. Rows without LT-Net's terms (VoxelMorph) "
+             "and the floor are the same under both weight sets and shown in both blocks."]
+    labels = TABLE_ROWS.get(table, {})
+    for row, config in paper.items():
+        off = switched_off_by_recipe(config, recipe)
+        if off and has_ltnet_terms(config):
+            notes.append(f"The recipe sets {', '.join(off)} to 0: row "
+                         f"'{labels.get(row, (row,))[0]}' with recipe weights has no "
+                         f"{', '.join(off)} term.")
+    ignored = ignored_recipe_settings(recipe)
+    if ignored:
+        message = (f"The recipe's training settings {', '.join(ignored)} are NOT used: only its "
+                   "weights and penalties are.")
+        print(f"WARNING: {message}")
+        notes.append(message)
+    return notes
+
+
+def _reuse_notes(table: str, reuse: Mapping[str, dict]) -> List[str]:
+    labels = TABLE_ROWS.get(table, {})
+
+    def label(key):
+        row = key.split("@", 1)[0]
+        name = labels.get(row, (row,))[0]
+        return f"'{name}' ({RECIPE_WEIGHTS})" if key.endswith(RECIPE_SUFFIX) else f"'{name}'"
+
+    notes = []
+    for key, record in reuse.items():
+        if "shared_with" in record:
+            notes.append(f"{label(key)} trains exactly like {label(record['shared_with'])}: "
+                         "one run serves both.")
+        elif record["differences"]:
+            notes.append(f"{label(key)} reuses {record['run']}, whose config differs from the "
+                         "row's: " + "; ".join(record["differences"]) + ".")
+    return notes
 
 
 def run_table(table_name: str, config_paths: Sequence[Path], out_root,
               overrides: Optional[dict] = None, runs: Optional[Mapping[str, Path]] = None,
               extra_rows: Sequence[Row] = (), notes: Sequence[str] = (), title: str = "",
-              verbose: int = 2) -> TableResult:
-    """Run every row of a table (resuming), then write ``<table>.md``, ``<table>.csv`` and
-    ``provenance.json`` in ``out_root``: our rows next to the paper's, plus the no-registration
-    floor and ``extra_rows`` (e.g. paper rows we do not reproduce)."""
+              verbose: int = 2, recipe: Optional[Path] = None) -> TableResult:
+    """Run every row of a table (resuming), then write ``<table>.md``, ``.csv``,
+    ``_subjects.csv``, ``.png`` and ``provenance.json`` in ``out_root``: our rows next to the
+    paper's, the no-registration floor and ``extra_rows`` (e.g. paper rows we do not reproduce).
+
+    ``recipe``: a config whose weights and penalties give every row a second run
+    (:func:`twin_configs`; keys ``ROW@recipe``, runs in ``<out>/recipe/ROW``); the table then
+    shows a paper-weights and a recipe-weights block side by side.
+    """
     out_root = Path(out_root)
-    configs, run_dirs, scores, baseline = collect_rows(table_name, config_paths, out_root,
-                                                       overrides, runs, verbose)
-    labels = TABLE_ROWS.get(table_name, {})
-    rows = [Row(NO_REGISTRATION, baseline, note="floor: affine pre-alignment only")]
-    for row, row_scores in scores.items():
-        label, paper = labels.get(row, (row, None))
-        rows.append(Row(label, row_scores, paper))
-    rows += list(extra_rows)
+    paper = load_rows(config_paths, overrides)
+    if not paper:
+        raise SystemExit(f"{table_name}: no rows to run")
+    notes = list(notes)
+    extra = {}
+    configs = dict(paper)
+    if recipe is not None:
+        recipe_config = load_config(recipe)
+        configs = twin_configs(paper, recipe_config)
+        notes = _recipe_notes(table_name, recipe, recipe_config, paper) + notes
+        extra["recipe"] = {"path": str(recipe), "config": config_to_dict(recipe_config),
+                           "ignored_settings": ignored_recipe_settings(recipe_config)}
+    missing = sorted(key for key in (runs or {}) if RECIPE_SUFFIX in key and key not in configs)
+    if missing:
+        raise SystemExit(f"--runs {missing}: no such recipe-weights row in this run (rows: "
+                         f"{list(configs)}; VoxelMorph has no recipe variant, and --paper-only "
+                         "has none at all)")
+    configs, run_dirs, scores, reuse = collect_runs(
+        configs, {key: run_dir_for(out_root, key) for key in configs}, runs, verbose)
+    baseline = _baseline(configs, run_dirs)
+    rows = table_rows(table_name, list(paper), scores, baseline) + list(extra_rows)
+    notes += _reuse_notes(table_name, reuse)
     first = next(iter(configs.values()))
-    title = title or table_name
     steps = sorted({c.train.steps for c in configs.values()})
-    title += (f" — atlas {run_atlas(next(iter(run_dirs.values())))}, "
-              f"{len(first.data.val_subjects)} held-out subjects, network grid "
-              f"{first.data.network_shape}, steps {steps}")
+    title = (f"{title or table_name} — atlas {run_atlas(next(iter(run_dirs.values())))}, "
+             f"{len(first.data.val_subjects)} held-out subjects, network grid "
+             f"{first.data.network_shape}, steps {steps}")
     markdown = write_table(out_root, table_name, title, rows, notes)
-    write_provenance(out_root, table_name, configs, overrides,
-                     {"run_dirs": {r: str(d) for r, d in run_dirs.items()}})
-    return TableResult(configs, run_dirs, scores, baseline, markdown)
-
-
-# ----------------------------------------------------------------------------- Table 4
-
-def write_structure_table(out_root, table: str, title: str,
-                          results: Mapping[str, List[evaluation.SubjectScores]],
-                          paper_rows: Mapping[str, str], notes: Sequence[str] = ()) -> str:
-    """Table 4: Dice (%) of each merged structure, mean (std) over the held-out subjects, one
-    column per method (the paper's layout transposed: LPBA40 has 28 structures). ``paper_rows``
-    maps our method label to the paper's Table 4 row for the structures both protocols share.
-    Writes ``<table>.md`` and ``<table>.csv`` (method, structure, n, mean, std, paper)."""
-    out_root = Path(out_root)
-    out_root.mkdir(parents=True, exist_ok=True)
-    paper_index = {name: i for i, name in enumerate(PAPER_TABLE4["structures"])}
-    body = []
-    for method, scores in results.items():
-        paper = PAPER_TABLE4["rows"].get(paper_rows.get(method, ""))
-        for structure, s in evaluation.structure_summary(scores).items():
-            shared = SHARED_STRUCTURES.get(structure)
-            ref = paper[paper_index[shared]] if paper and shared else ""
-            body.append([method, structure, len(scores), f"{s['mean']:.4f}", f"{s['std']:.4f}",
-                         shared or "", ref])
-    atomic_write_text(out_root / f"{table}.csv", csv_text(
-        ["method", "structure", "n", "mean", "std", "paper_structure", "paper_mean"], body))
-
-    summaries = {method: evaluation.summarise(scores) for method, scores in results.items()}
-    shared_lines = ["| Structure (LPBA40 / CANDI) | " + " | ".join(
-        f"{m} ours | {paper_rows[m]} paper" for m in results if m in paper_rows) + " |"]
-    shared_lines.append("|" + "---|" * (1 + 2 * sum(m in paper_rows for m in results)))
-    per_structure = {m: evaluation.structure_summary(s) for m, s in results.items()}
-    for ours, theirs in SHARED_STRUCTURES.items():
-        cells = []
-        for method in results:
-            if method not in paper_rows:
-                continue
-            s = per_structure[method].get(ours)
-            cells.append(f"{s['mean']:.1f}" if s else "—")
-            cells.append(f"{PAPER_TABLE4['rows'][paper_rows[method]][paper_index[theirs]]:.1f}")
-        shared_lines.append(f"| {ours} / {theirs} | " + " | ".join(cells) + " |")
-    paper_header = "| Method | " + " | ".join(PAPER_TABLE4["structures"]) + " |"
-    paper_lines = [paper_header, "|" + "---|" * (1 + len(PAPER_TABLE4["structures"]))]
-    paper_lines += [f"| {name} | " + " | ".join(f"{v:.1f}" for v in values) + " |"
-                    for name, values in PAPER_TABLE4["rows"].items()]
-    text = [f"# {title}", "",
-            "Dice (%) of each merged (left/right) LPBA40 structure, mean (std) over the held-out "
-            "subjects:", "", "```", evaluation.format_structure_table(results), "```", "",
-            "Mean over structures, per subject (Mean (std), Min, Max over subjects):", "", "```",
-            evaluation.format_summary_table(summaries), "```", "",
-            "Structures both protocols label (ours on LPBA40, the paper's on CANDI):", "",
-            *shared_lines, "", "The paper's Table 4 (CANDI; different structures, not comparable "
-            "in absolute value):", "", *paper_lines, "", f"Note: {PAPER_NOTE}", ""]
-    text += [f"Note: {n}" for n in notes]
-    markdown = "\n".join(text) + "\n"
-    atomic_write_text(out_root / f"{table}.md", markdown)
-    return markdown
+    extra.update({"run_dirs": {key: str(d) for key, d in run_dirs.items()}, "reuse": reuse})
+    write_provenance(out_root, table_name, configs, overrides, extra)
+    return TableResult(configs, run_dirs, scores, baseline, markdown, rows, reuse)
 
 
 # ----------------------------------------------------------------------------- Table 3

@@ -1,5 +1,8 @@
 """The table experiments: configs match the paper's rows, fusion, and one tiny table end to end."""
+import csv
+import dataclasses
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ltnet_keras.config import load_config
+from ltnet_keras.config import config_from_dict, load_config, save_config
+from ltnet_keras.evaluation import SubjectScores, write_scores_csv
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 sys.path.insert(0, str(EXPERIMENTS))
@@ -26,8 +30,9 @@ ACTIVE_TERMS = {
     "trans_anatomy": {"gan", "sim", "smooth", "cyc", "trans", "anatomy_cyc"},
     "ltnet": {"gan", "sim", "smooth", "cyc", "trans", "anatomy_cyc", "diff_cyc"},
 }
-TINY = {"train.steps": 10, "data.crop_shape": [128, 192, 128], "data.factor": 4,
-        "data.train_subjects": ["S11", "S12"], "data.val_subjects": ["S13"], "data.atlas": "S11"}
+TINY = {"train.steps": 10, "train.log_every": 10, "data.crop_shape": [128, 192, 128],
+        "data.factor": 4, "data.train_subjects": ["S11", "S12"], "data.val_subjects": ["S13"],
+        "data.atlas": "S11"}
 
 
 def test_there_is_one_config_per_row_of_every_table():
@@ -43,14 +48,33 @@ def test_config_loads_with_its_preset_and_the_default_protocol(path):
     assert config.preset == path.stem
     assert config.name == f"{path.parent.name}_{path.stem}"
     assert set(t for t, w in config.weights.terms().items() if w > 0) == ACTIVE_TERMS[path.stem]
-    assert config.data.crop_shape == (160, 192, 160) and config.data.factor == 2
-    assert config.data.network_shape == (80, 96, 80)
     assert config.data.atlas == "auto"
     assert config.data.train_subjects == [f"S{i}" for i in range(11, 31)]
     assert config.data.val_subjects == [f"S{i}" for i in range(31, 41)]
     assert not set(config.data.train_subjects) & set(config.data.val_subjects)
     train = config.train
+    if path.parent.name in ("table1", "table2"):
+        # The recipe search's protocol, so that its finished runs can be reused (--runs).
+        assert config.data.crop_shape == (128, 192, 128) and config.data.factor == 4
+        assert config.data.network_shape == (32, 48, 32)
+        assert (train.steps, train.log_every, train.checkpoint_every, train.seed) == \
+            (500, 20, 100, 0)
+        assert train.log_grad_norms
+        return
+    assert config.data.crop_shape == (160, 192, 160) and config.data.factor == 2
+    assert config.data.network_shape == (80, 96, 80)
     assert (train.steps, train.log_every, train.checkpoint_every, train.seed) == (2000, 10, 100, 0)
+
+
+@pytest.mark.parametrize("table, row, search", [
+    ("table1", "voxelmorph", "00_vm_twin_500.yaml"), ("table2", "ltnet", "02_paper.yaml")])
+def test_table_rows_differ_from_their_search_setting_only_in_name(table, row, search):
+    """So ``--runs voxelmorph=runs/recipe_search/vm_twin_500`` reuses the search's run as is."""
+    ours = load_config(EXPERIMENTS / "configs" / table / f"{row}.yaml")
+    theirs = load_config(EXPERIMENTS / "configs" / "recipe" / search)
+    assert common.config_differences(ours, theirs, ignore=()) == [
+        f"name: {ours.name!r} != {theirs.name!r}"]
+    assert common.config_differences(ours, theirs) == []
 
 
 def test_tables_1_and_2_have_exactly_the_papers_rows_in_order():
@@ -119,6 +143,144 @@ def test_overrides_from_arguments():
         common.parse_set(["no_equals_sign"])
 
 
+# ----------------------------------------------------------------------------- Tables 1-2 twice
+
+HAND_RECIPE = config_from_dict({
+    "name": "hand", "preset": "ltnet",
+    "weights": {"gan": 0.1, "sim": 2.0, "cyc": 0.5, "smooth": 0.7, "trans": 0.2,
+                "anatomy_cyc": 0.3, "diff_cyc": 0.4, "ncc_window": 7},
+    "penalties": {"cyc_eps": 0.02, "trans_eps": 0.5, "diff_eps": 0.05,
+                  "reconstruction": "composed"},
+    "train": {"steps": 40, "seed": 5}})
+
+
+def test_recipe_variant_by_hand_on_two_rows():
+    gan = load_config(EXPERIMENTS / "configs/table1/gan.yaml")
+    trans_anatomy = load_config(EXPERIMENTS / "configs/table2/trans_anatomy.yaml")
+    variant = common.recipe_variant(gan, HAND_RECIPE)
+    # On in the row (gan 1, sim 1, smooth 3): the recipe's weight; off in the row: stays 0.
+    assert dataclasses.asdict(variant.weights) == dict(
+        gan=0.1, sim=2.0, cyc=0.0, smooth=0.7, trans=0.0, anatomy_cyc=0.0, diff_cyc=0.0,
+        ncc_window=7)
+    assert variant.penalties == HAND_RECIPE.penalties
+    assert variant.name == "table1_gan_recipe" and variant.preset == "gan"
+    assert variant.data == gan.data and variant.train == gan.train  # the row's protocol
+    assert gan.weights.gan == 1.0 and gan.penalties.trans_eps == 0.001  # the row is untouched
+    variant = common.recipe_variant(trans_anatomy, HAND_RECIPE)
+    assert dataclasses.asdict(variant.weights) == dict(
+        gan=0.1, sim=2.0, cyc=0.5, smooth=0.7, trans=0.2, anatomy_cyc=0.3, diff_cyc=0.0,
+        ncc_window=7)
+    # A term the recipe switches off is off in every variant, and the table says so.
+    no_gan = dataclasses.replace(HAND_RECIPE,
+                                 weights=dataclasses.replace(HAND_RECIPE.weights, gan=0.0))
+    assert common.recipe_variant(gan, no_gan).weights.gan == 0.0
+    assert common.switched_off_by_recipe(gan, no_gan) == ["gan"]
+    assert common.switched_off_by_recipe(gan, HAND_RECIPE) == []
+    # Only weights and penalties are carried over; other recipe settings are named.
+    assert common.ignored_recipe_settings(HAND_RECIPE) == []
+    resample = load_config(EXPERIMENTS / "configs/recipe/26_composed_gan0.1_resample.yaml")
+    assert common.ignored_recipe_settings(resample) == ["train.discriminator_resample_real=True"]
+
+
+def test_twin_rows_share_voxelmorph_and_get_their_own_run_dirs(tmp_path):
+    paper = common.load_rows(common.config_paths("table1"))
+    stand_in = load_config(common.STAND_IN_RECIPE)
+    configs = common.twin_configs(paper, stand_in)
+    assert list(configs) == ["voxelmorph", "gan", "gan_cyc", "gan@recipe", "gan_cyc@recipe"]
+    assert common.run_dir_for(tmp_path, "gan_cyc@recipe") == tmp_path / "recipe" / "gan_cyc"
+    assert common.run_dir_for(tmp_path, "gan_cyc") == tmp_path / "gan_cyc"
+    # The stand-in switches the GAN off (and smooth = 1): '+ L_GAN' with its weights trains
+    # exactly like VoxelMorph, so the two share one run.
+    assert common.training_key(configs["gan@recipe"]) == common.training_key(configs["voxelmorph"])
+    assert common.training_key(configs["gan_cyc@recipe"]) != common.training_key(configs["gan_cyc"])
+    # With a cycle term on, the penalties are part of the training.
+    other = dataclasses.replace(configs["gan_cyc"], penalties=stand_in.penalties)
+    assert common.training_key(other) != common.training_key(configs["gan_cyc"])
+
+
+def test_parse_runs_accepts_recipe_keys():
+    runs = common.parse_runs(["gan_cyc@recipe=a/b", "voxelmorph=c"], "table1",
+                             (common.RECIPE_SUFFIX,))
+    assert runs == {"gan_cyc@recipe": Path("a/b"), "voxelmorph": Path("c")}
+    with pytest.raises(SystemExit):
+        common.parse_runs(["gan_cyc@recipe=a"], "table1")
+    with pytest.raises(SystemExit):
+        common.parse_runs(["ltnet=a"], "table1", (common.RECIPE_SUFFIX,))
+
+
+def test_resolve_recipe_falls_back_to_the_stand_in(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(common, "DEFAULT_RECIPE", common.CONFIG_DIR / "no_such_recipe.yaml")
+    assert common.resolve_recipe(None) == common.STAND_IN_RECIPE
+    assert "does not exist yet" in capsys.readouterr().out
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("preset: ltnet\n")
+    assert common.resolve_recipe(mine) == mine
+    with pytest.raises(SystemExit, match="no such file"):
+        common.resolve_recipe(tmp_path / "nope.yaml")
+
+
+def test_read_back_of_a_finished_run_named_differently(tmp_path):
+    """A recipe-search run (other name, ``scores_<name>_<interp>.csv``) is read back as a row's
+    finished run; any other config difference, stale scores or missing subjects are not."""
+    row = common.load_rows(common.config_paths("table1", ["voxelmorph"]))["voxelmorph"]
+    run = tmp_path / "vm_twin_500"
+    save_config(dataclasses.replace(row, name="vm_twin_500"), run / "config.yaml")
+    (run / "forward_generator.h5").write_bytes(b"weights")
+    os.utime(run / "forward_generator.h5", (1_000_000, 1_000_000))
+    scores_path = run / "scores_vm_twin_500_linear.csv"
+    write_scores_csv([SubjectScores(s, structures={"caudate": 0.5})
+                      for s in row.data.val_subjects], scores_path)
+    assert common._current_scores(run, row) == scores_path
+    read = common.train_and_score(row, run)  # read back: nothing is trained
+    assert [s.subject for s in read] == row.data.val_subjects
+    longer = dataclasses.replace(row, train=dataclasses.replace(row.train, steps=1000))
+    assert common._current_scores(run, longer) is None
+    fewer = dataclasses.replace(row, data=dataclasses.replace(row.data, val_subjects=["S31"]))
+    assert common._current_scores(run, fewer) is None
+    os.utime(scores_path, (1, 1))  # scores older than the weights: stale
+    assert common._current_scores(run, row) is None
+
+
+def _table_lines(markdown):
+    return [line for line in markdown.splitlines() if line.startswith("| ")]
+
+
+@pytest.mark.slow
+def test_table1_twice_end_to_end_then_reused(lpba40_root, tmp_path, capsys):
+    import table1_forward_backward
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("preset: ltnet\nweights: {gan: 0.5, smooth: 1.0, cyc: 1.0, trans: 0.3}\n"
+                      "penalties: {trans_eps: 0.5}\n")
+    out = tmp_path / "table1"
+    argv = ["--smoke", "--rows", "gan", "--recipe", str(recipe), "--out", str(out),
+            "--verbose", "0"]
+    result = table1_forward_backward.main(argv)
+    assert list(result.scores) == ["gan", "gan@recipe"]
+    weights = result.configs["gan@recipe"].weights
+    assert (weights.gan, weights.smooth, weights.cyc) == (0.5, 1.0, 0.0)
+    assert (out / "recipe" / "gan" / "forward_generator.h5").exists()
+    markdown = (out / "table1.md").read_text()
+    header, *body = _table_lines(markdown)
+    assert "paper weights: Mean (std)" in header and "recipe weights: Mean (std)" in header
+    assert [line.split("|")[1].strip() for line in body] == [common.NO_REGISTRATION, "+ L_GAN"]
+    assert "79.0 (3.1)" in body[1]  # the paper's '+ L_GAN' beside both of ours
+    subjects = list(csv.DictReader(open(out / "table1_subjects.csv")))
+    assert [(r["row"], r["variant"], r["subject"]) for r in subjects] == [
+        (common.NO_REGISTRATION, "", "S13"), ("+ L_GAN", "paper weights", "S13"),
+        ("+ L_GAN", "recipe weights", "S13")]
+    assert (out / "table1.png").read_bytes()[:4] == b"\x89PNG"
+    provenance = json.loads((out / "provenance.json").read_text())
+    assert provenance["recipe"]["path"] == str(recipe)
+    assert list(provenance["configs"]) == ["gan", "gan@recipe"]
+    capsys.readouterr()
+    # Again, the recipe row given with --runs: nothing trains, the numbers are the same.
+    again = table1_forward_backward.main(argv + ["--runs", f"gan@recipe={out / 'recipe' / 'gan'}"])
+    printed = capsys.readouterr().out
+    assert "[table1_gan] finished and scored" in printed and "reusing finished run" in printed
+    assert again.reuse == {"gan@recipe": {"run": str(out / "recipe" / "gan"), "differences": []}}
+    assert again.scores["gan@recipe"][0].structures == result.scores["gan@recipe"][0].structures
+
+
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_script_help(script):
     out = subprocess.run([sys.executable, str(EXPERIMENTS / script), "--help"],
@@ -145,6 +307,9 @@ def test_run_table_one_row_writes_table_and_provenance(tiny_table, capsys):
     assert "76.0 (9.7)" in markdown  # the paper's VoxelMorph row beside ours
     csv_rows = (out / "table1.csv").read_text().splitlines()
     assert len(csv_rows) == 3 and csv_rows[0].startswith("method,level,n,mean")
+    subjects = (out / "table1_subjects.csv").read_text().splitlines()
+    assert subjects[0].startswith("row,variant,subject,mean_dice") and len(subjects) == 3
+    assert (out / "table1.png").read_bytes()[:4] == b"\x89PNG"
     provenance = json.loads((out / "provenance.json").read_text())
     for key in ("configs", "git_commit", "packages", "seeds", "date", "overrides"):
         assert key in provenance
