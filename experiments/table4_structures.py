@@ -66,6 +66,9 @@ def main(argv=None):
     parser.set_defaults(out=REPO_ROOT / "runs" / TABLE)
     table5_sota.describe_argument(parser, "out", "where table4.md / .csv / .png and "
                                                  f"provenance.json go (default runs/{TABLE})")
+    table5_sota.describe_argument(parser, "runs", "finished registration runs to use instead of "
+                                                  "training (ROW in voxelmorph ltnet "
+                                                  "ltnet_tuned); copied to <table5>/<ROW>/")
     parser.add_argument("--table5", type=Path, default=REPO_ROOT / "runs" / "table5",
                         help="Table 5's output folder: its rows are read back from there, or "
                              "trained there if missing (default runs/table5)")

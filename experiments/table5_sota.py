@@ -30,9 +30,9 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from common import (CONFIG_DIR, NO_REGISTRATION, SMOKE_OVERRIDES, Row, baseline_scores,
-                    build_parser, overrides_from_args, parse_set, run_atlas,
-                    score_existing_run, train_and_score, write_provenance, write_table)
+from common import (CONFIG_DIR, NO_REGISTRATION, Row, baseline_scores, build_parser,
+                    overrides_from_args, parse_set, run_atlas, score_existing_run,
+                    train_and_score, write_provenance, write_table)
 from ltnet_keras import evaluation
 from ltnet_keras.config import load_config
 from ltnet_keras.records import atomic_write_text, csv_text
@@ -55,7 +55,7 @@ INSTALLED = "installed_from.json"
 SUBJECTS_CSV = "table5_subjects.csv"
 BOXPLOT = "table5_boxplot.png"
 FLOOR_CSV = "scores_no_registration.csv"
-# --smoke for the U-Net rows: the registration rows' tiny grid and subjects, a few steps.
+# --smoke for the U-Net rows (besides the registration rows' tiny grid and subjects).
 SEGNET_SMOKE = {"train.steps": 10, "train.checkpoint_every": 10,
                 "dataaug.appearance.steps": 10, "dataaug.appearance.checkpoint_every": 10}
 NOTES = [
@@ -120,9 +120,9 @@ def parse_registration_runs(items) -> Dict[str, Path]:
 
 def segnet_overrides(args, registration_overrides: dict) -> dict:
     """The U-Net rows share the registration rows' data (grid, subjects, atlas, root)."""
+    # --smoke's, --set's and --data's data.* keys are already among the registration ones.
     overrides = {k: v for k, v in registration_overrides.items() if k.startswith("data.")}
     if getattr(args, "smoke", False):
-        overrides.update({k: v for k, v in SMOKE_OVERRIDES.items() if k.startswith("data.")})
         overrides.update(SEGNET_SMOKE)
     overrides.update(parse_set(getattr(args, "set_seg", [])))
     if getattr(args, "seg_steps", None) is not None:

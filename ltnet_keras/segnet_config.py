@@ -151,9 +151,3 @@ def save_segnet_config(config: SegNetConfig, path) -> None:
     from ltnet_keras.records import atomic_write_text
     atomic_write_text(path, yaml.safe_dump(segnet_config_to_dict(config), sort_keys=False))
 
-
-def is_segnet_config(path) -> bool:
-    """Whether a YAML file describes a segmentation-network run (it has a ``method`` key)."""
-    with open(path) as handle:
-        values = yaml.safe_load(handle) or {}
-    return "method" in values
