@@ -30,7 +30,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from common import (CONFIG_DIR, NO_REGISTRATION, Row, baseline_scores, build_parser,
+from common import (CONFIG_DIR, NO_REGISTRATION, TABLE_ROWS, Row, baseline_scores, build_parser,
                     overrides_from_args, parse_set, run_atlas, score_existing_run,
                     train_and_score, write_provenance, write_table)
 from ltnet_keras import evaluation
@@ -39,18 +39,16 @@ from ltnet_keras.records import atomic_write_text, csv_text
 
 TABLE = "table5"
 # Row key -> (label in our table, the paper's row).
-REGISTRATION_ROWS = {"voxelmorph": ("VoxelMorph", "VoxelMorph"),
-                     "ltnet": ("LT-Net (paper weights)", "LT-Net"),
-                     "ltnet_tuned": ("LT-Net (recipe)", "LT-Net")}
-SEGNET_ROWS = {"dataaug": ("DataAug", "DataAug"),
-               "unet": ("U-Net (upper bound)", "U-Net (upper bound)")}
-ROWS = ["voxelmorph", "dataaug", "ltnet", "ltnet_tuned", "unet"]
-LABELS = {**REGISTRATION_ROWS, **SEGNET_ROWS}
+LABELS = TABLE_ROWS[TABLE]
+ROWS = list(LABELS)
+SEGNET_ROWS = {row: LABELS[row] for row in ("dataaug", "unet")}
+REGISTRATION_ROWS = {row: label for row, label in LABELS.items() if row not in SEGNET_ROWS}
 # DataAug's spatial model is the VoxelMorph row.
 SPATIAL_ROW = "voxelmorph"
 # What a registration run directory needs for `ltnet segment` and the table (no checkpoints).
 RUN_FILES = ("forward_generator.h5", "config.yaml", "atlas.json", "environment.json",
-             "history.csv", "results.md", "summary.csv", "loss_curve.png")
+             "history.csv", "results.md", "summary.csv", "loss_curve.png",
+             "backward_generator.h5")
 INSTALLED = "installed_from.json"
 SUBJECTS_CSV = "table5_subjects.csv"
 BOXPLOT = "table5_boxplot.png"
