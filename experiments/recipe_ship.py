@@ -25,7 +25,7 @@ from common import REPO_ROOT, SMOKE_OVERRIDES, CONFIG_DIR, parse_set, write_prov
 from ltnet_keras.config import load_config
 from ltnet_keras.records import atomic_write_text
 from ltnet_keras.search import _final_history_row, run_setting
-from ltnet_keras.training import FORWARD_WEIGHTS
+from ltnet_keras.training import BACKWARD_WEIGHTS, FORWARD_WEIGHTS
 
 #: The issue's bars for the shipped recipe.
 MIN_GAIN = 1.0          # Dice points over the twin, every seed
@@ -56,11 +56,11 @@ def _results_dir(out: Path, seed: int, role: str) -> Path:
     return out / role if seed == 0 else out / f"seed{seed}" / role
 
 
-def format_results(recipe_name: str, steps: int, checks: dict) -> str:
+def format_results(recipe_name: str, steps: int, subjects, checks: dict) -> str:
     lines = [f"# Shipped recipe `{recipe_name}` against its VoxelMorph twin ({steps} steps)", "",
-             "Validation subjects S31-S40; Dice (%) = mean over the 28 merged structures per "
-             "subject, then mean over subjects. Pull = a term's gradient norm w.r.t. the forward "
-             "field over L_sim's (fixed training pair, last log step).", "",
+             f"Validation subjects {', '.join(subjects)}; Dice (%) = mean over the merged "
+             "structures per subject, then mean over subjects. Pull = a term's gradient norm "
+             "w.r.t. the forward field over L_sim's (fixed training pair, last log step).", "",
              "| seed | LT-Net | VoxelMorph | gain | fold % LT-Net / VM | weakest pull | "
              "gain >= 1.0 | folds no more | every pull >= 5% |", "|---|---|---|---|---|---|---|---|---|"]
     for seed, c in checks.items():
@@ -104,13 +104,16 @@ def main(argv=None):
             run_dir = args.runs / f"seed{seed}" / role
             results_dir = _results_dir(args.out, seed, role)
             rows[role] = run_setting(config, run_dir, results_dir, verbose=args.verbose)
-            # segment --run needs G_F; the search keeps it for twins only.
-            shutil.copy2(run_dir / FORWARD_WEIGHTS, results_dir / FORWARD_WEIGHTS)
+            # segment --run needs G_F (the search keeps it for twins only); Fig. 3 needs G_B.
+            for weights in (FORWARD_WEIGHTS, BACKWARD_WEIGHTS):
+                if (run_dir / weights).exists():
+                    shutil.copy2(run_dir / weights, results_dir / weights)
         checks[seed] = check_seed(rows["ltnet"], rows["voxelmorph"],
                                   pulls(args.runs / f"seed{seed}" / "ltnet"))
     recipe_name = load_config(args.recipe).name
     atomic_write_text(args.out / "criteria.json", json.dumps(checks, indent=2))
-    text = format_results(recipe_name, configs[next(iter(configs))].train.steps, checks)
+    first = configs[next(iter(configs))]
+    text = format_results(recipe_name, first.train.steps, first.data.val_subjects, checks)
     atomic_write_text(args.out / "results.md", text)
     write_provenance(args.out, "recipe_ship", configs, overrides)
     print(text)
