@@ -18,7 +18,6 @@ import json
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence
 
-import numpy as np
 import yaml
 
 import ltnet_keras  # noqa: F401  (sets up tf.keras before TensorFlow loads)
@@ -28,6 +27,10 @@ from ltnet_keras.config import (ExperimentConfig, LossWeights, config_to_dict, l
 from ltnet_keras.tables import (PAPER_NOTE, PAPER_REFERENCE, PAPER_TABLE4,  # noqa: F401
                                 SHARED_STRUCTURES, Row, format_markdown_table, write_provenance,
                                 write_structure_table, write_table)
+# Table 3's fusion and multi-atlas rows live in the package; re-exported for callers of
+# common.majority_vote / common.multi_atlas_scores.
+from ltnet_keras.fusion import majority_vote  # noqa: F401
+from ltnet_keras.multi_atlas import learned_multi_atlas as multi_atlas_scores  # noqa: F401
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
@@ -341,33 +344,6 @@ def baseline_scores(config: ExperimentConfig, atlas: str) -> List[evaluation.Sub
     return no_registration_scores(config, atlas, list(config.data.val_subjects))
 
 
-# ----------------------------------------------------------------------------- fusion
-
-def majority_vote(label_maps: Sequence[np.ndarray]) -> np.ndarray:
-    """Per-voxel majority vote of label maps of one shape.
-
-    Each voxel takes the label carried by the most maps; a tie goes to the label of the
-    earliest map among the tied ones, so the order of ``label_maps`` is the tie-break priority
-    (put the most trusted atlas first). One map is returned unchanged.
-    """
-    maps = [np.asarray(m) for m in label_maps]
-    if not maps:
-        raise ValueError("majority_vote needs at least one label map")
-    shape = maps[0].shape
-    for m in maps[1:]:
-        if m.shape != shape:
-            raise ValueError(f"label maps must share one shape; got {shape} and {m.shape}")
-    if len(maps) == 1:
-        return maps[0].copy()
-    stack = np.stack(maps)
-    counts = np.zeros(stack.shape, dtype=np.int16)
-    for i in range(len(maps)):
-        for j in range(len(maps)):
-            counts[i] += stack[i] == stack[j]
-    best = np.argmax(counts, axis=0)          # first maximum: the earliest map wins ties
-    return np.take_along_axis(stack, best[None], axis=0)[0]
-
-
 # ----------------------------------------------------------------------------- provenance
 
 # write_provenance (provenance.json) lives in ltnet_keras.tables and is imported above.
@@ -579,80 +555,3 @@ def run_table(table_name: str, config_paths: Sequence[Path], out_root,
     write_provenance(out_root, table_name, configs, overrides, extra)
     return TableResult(configs, run_dirs, scores, baseline, markdown, rows, reuse)
 
-
-# ----------------------------------------------------------------------------- Table 3
-
-def atlas_candidates(config: ExperimentConfig, first: str, k_max: int) -> List[str]:
-    """``first`` (the run's own atlas), then the other training scans by decreasing similarity
-    to the pool's average (``select_atlas``, the same ranking that picks the single atlas)."""
-    from ltnet_keras.atlas import select_atlas
-    from ltnet_keras.data.dataset import subject_files
-    files = subject_files(config.data, config.data.train_subjects)
-    ranking = select_atlas({f.id: f.image for f in files}, measure="ncc", factor=2).ranking
-    order = [first] + [s for s in ranking if s != first]
-    if k_max > len(order):
-        print(f"only {len(order)} training scans can serve as atlases; k capped at {len(order)}")
-    return order[:k_max]
-
-
-def _pearson(a, b) -> float:
-    a = np.asarray(a, dtype=np.float64).ravel()
-    b = np.asarray(b, dtype=np.float64).ravel()
-    a, b = a - a.mean(), b - b.mean()
-    denominator = np.sqrt((a * a).sum() * (b * b).sum())
-    return float((a * b).sum() / denominator) if denominator > 0 else float("-inf")
-
-
-def multi_atlas_scores(run_dir, config: ExperimentConfig, ks: Sequence[int], out_dir=None
-                       ) -> tuple:
-    """Majority-vote multi-atlas segmentation with a trained LT-Net forward generator.
-
-    The atlases are the top ``max(ks)`` training scans (:func:`atlas_candidates`; the run's own
-    atlas first, so k = 1 is plain LT-Net). Each is passed to G_F as the moving image, its
-    labels are warped onto each held-out scan (Eq. 2) and the first ``k`` warped label maps are
-    fused by :func:`majority_vote`; ties go to the atlas whose warped image correlates best
-    with the scan. Returns ({k: [SubjectScores]}, atlases, seconds per scan and atlas).
-    This is NOT MABMIS (groupwise registration + iterative groupwise segmentation); it uses k
-    labelled scans, so for k > 1 it leaves the one-shot setting, as multi-atlas methods do.
-    """
-    import time
-
-    from ltnet_keras.data.dataset import subject_files
-    from ltnet_keras.data.io import load_image, load_label_map
-    from ltnet_keras.data.labels import LabelTable
-    from ltnet_keras.segment import Segmenter, warp_image
-
-    ks = sorted({int(k) for k in ks})
-    atlases = atlas_candidates(config, run_atlas(run_dir), max(ks))
-    ks = [k for k in ks if k <= len(atlases)]
-    table = LabelTable.from_tsv(config.data.resolved_labels_tsv())
-    interp = config.segment.label_interp
-    segmenters = []
-    for files in subject_files(config.data, atlases):
-        if files.label is None:
-            raise SystemExit(f"atlas candidate {files.id} has no label map")
-        segmenters.append(Segmenter(run_dir, atlas_image=str(files.image),
-                                    atlas_labels=str(files.label), label_interp=interp))
-    scores = {k: [] for k in ks}
-    seconds = []
-    for files in subject_files(config.data, config.data.val_subjects):
-        target = load_image(files.image).array
-        truth = load_label_map(files.label).array
-        maps, similarity = [], []
-        for segmenter in segmenters:
-            clock = time.perf_counter()
-            result = segmenter.segment(files.image)
-            seconds.append(time.perf_counter() - clock)
-            maps.append(result.labels)
-            similarity.append(_pearson(warp_image(segmenter.atlas_image,
-                                                  result.sampling_positions), target))
-        for k in ks:
-            order = sorted(range(k), key=lambda i: -similarity[i])
-            fused = majority_vote([maps[i] for i in order])
-            scores[k].append(evaluation.evaluate_pair(fused, truth, table, files.id))
-        print(f"[multi-atlas] {files.id}: warped-atlas NCC "
-              + ", ".join(f"{a} {s:.3f}" for a, s in zip(atlases, similarity)))
-    if out_dir is not None:
-        for k, k_scores in scores.items():
-            evaluation.write_scores_csv(k_scores, Path(out_dir) / f"scores_k{k}.csv")
-    return scores, atlases, float(np.mean(seconds)) if seconds else float("nan")
