@@ -44,8 +44,12 @@ TABLE_ROWS: Dict[str, Dict[str, tuple]] = {
                "ltnet": ("+ L_trans + L_anatomy_cyc + L_diff_cyc (LT-Net)",
                          "+ L_trans + L_anatomy_cyc + L_diff_cyc")},
     "table3": {"ltnet": ("LT-Net", "LT-Net, 1 atlas")},
-    "table4": {"voxelmorph": ("VoxelMorph", "VoxelMorph"), "ltnet": ("LT-Net", "LT-Net")},
-    "table5": {"voxelmorph": ("VoxelMorph", "VoxelMorph"), "ltnet": ("LT-Net", "LT-Net")},
+    # Table 4 has no rows of its own: it reads Table 5's.
+    "table5": {"voxelmorph": ("VoxelMorph", "VoxelMorph"),
+               "dataaug": ("DataAug", "DataAug"),
+               "ltnet": ("LT-Net (paper weights)", "LT-Net"),
+               "ltnet_tuned": ("LT-Net (recipe)", "LT-Net"),
+               "unet": ("U-Net (upper bound)", "U-Net (upper bound)")},
 }
 NO_REGISTRATION = "Atlas labels, no registration"
 
@@ -86,7 +90,8 @@ def recipe_variant(row: ExperimentConfig, recipe: ExperimentConfig) -> Experimen
 
     A term that is 0 in ``row`` (switched off by the paper's ablation, Tables 1-2) stays 0;
     every other term of Eq. (11) takes the recipe's weight, so a term the recipe sets to 0 is
-    off too. The NCC window and the penalties (Eq. 7, 8, 10 and the reconstruction of Eq. 5)
+    off too. Terms beyond Eq. (11) (``inverse_sim``, ``inverse_trans``) are off in every paper
+    row, so they stay off. The NCC window and the penalties (Eq. 7, 8, 10 and the reconstruction of Eq. 5)
     are the recipe's. Data, network, training protocol and preset are the row's; the name gets
     a ``_recipe`` suffix. Pure: neither argument is modified.
     """

@@ -1,43 +1,93 @@
-"""Table 4: Dice of each brain structure for VoxelMorph and LT-Net (Sec. 6.5).
+"""Table 4: Dice of each brain structure for every method of Table 5 (Sec. 6.5).
 
-Takes finished runs (--runs voxelmorph=DIR ltnet=DIR, e.g. from Tables 1-2; their per-subject
-scores_<preset>_<interp>.csv are read back when present) or trains the rows of
-experiments/configs/table4/. Writes <out>/table4.md / .csv: one line per merged LPBA40 structure,
-mean (std) over the held-out subjects per method, with the no-registration floor. The paper's
-Table 4 is on CANDI's 16 structures; only caudate, putamen, hippocampus and brain stem exist in
-both protocols and are shown side by side (CANDI numbers: not comparable in absolute value).
-DataAug and the supervised U-Net columns of the paper are not reproduced.
+The rows are Table 5's (experiments/table5_sota.py, configs in experiments/configs/table5/):
+atlas labels without registration, VoxelMorph, DataAug, LT-Net (paper weights), LT-Net
+(recipe) and the U-Net upper bound. They live in Table 5's output folder (--table5, default
+runs/table5): finished rows are read back from their per-subject scores, missing ones are
+trained there first (the same arguments as table5_sota.py: --rows, --runs, --smoke, --set, ...).
 
-    python experiments/table4_structures.py --runs voxelmorph=runs/table1/voxelmorph \\
-        ltnet=runs/table2/ltnet
-    python experiments/table4_structures.py --smoke
+Writes in --out: table4.md / table4.csv (mean (std) over the held-out subjects of each merged
+LPBA40 structure, per method; the few structures CANDI also has beside the paper's numbers),
+table4_structures.png (structures on x, one bar per method) and provenance.json.
+
+    python experiments/table4_structures.py --table5 runs/table5 --out runs/table4
+    python experiments/table4_structures.py --smoke --table5 /tmp/smoke/table5 \\
+        --out /tmp/smoke/table4
 """
-from common import (NO_REGISTRATION, TABLE_ROWS, build_parser, collect_rows, config_paths,
-                    overrides_from_args, parse_runs, write_provenance, write_structure_table)
+from pathlib import Path
+
+import numpy as np
+
+import table5_sota
+from common import REPO_ROOT, write_provenance, write_structure_table
+from ltnet_keras import evaluation
 
 TABLE = "table4"
-NOTE = ("DataAug and the fully supervised U-Net columns of the paper's Table 4 are not "
-        "reproduced (no such models in the package).")
+BARS = "table4_structures.png"
+NOTE = ("Rows are Table 5's (same runs, same held-out subjects); see table5.md for how DataAug "
+        "and the U-Net upper bound are made.")
+
+
+def bar_chart(results, out_path: Path, title: str) -> Path:
+    """Grouped bars: merged structures on x, one bar (mean over subjects, std as a whisker) per
+    method."""
+    from matplotlib.figure import Figure
+    summaries = {method: evaluation.structure_summary(scores) for method, scores in results.items()}
+    structures = []
+    for summary in summaries.values():
+        structures += [name for name in summary if name not in structures]
+    n_methods = len(summaries)
+    width = 0.8 / n_methods
+    x = np.arange(len(structures))
+    fig = Figure(figsize=(min(24.0, 3.0 + 0.13 * len(structures) * max(n_methods, 2)), 5.5))
+    ax = fig.subplots()
+    for k, (method, summary) in enumerate(summaries.items()):
+        means = [summary.get(name, {}).get("mean", np.nan) for name in structures]
+        stds = [summary.get(name, {}).get("std", np.nan) for name in structures]
+        ax.bar(x + (k - (n_methods - 1) / 2) * width, means, width, yerr=stds, label=method,
+               capsize=1.5, error_kw={"elinewidth": 0.6})
+    ax.set_xticks(x)
+    ax.set_xticklabels(structures, rotation=60, ha="right", fontsize=8)
+    ax.set_xlim(-0.6, len(structures) - 0.4)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("Dice (%), mean over subjects")
+    ax.set_title(title, pad=26)
+    ax.legend(fontsize=8, ncol=n_methods, loc="lower center", bbox_to_anchor=(0.5, 1.0),
+              frameon=False)
+    fig.tight_layout()
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_path, dpi=100)
+    return out_path
 
 
 def main(argv=None):
-    parser = build_parser(TABLE, __doc__, reuse_runs=True)
+    parser = table5_sota.build_table5_parser(__doc__)
+    parser.set_defaults(out=REPO_ROOT / "runs" / TABLE)
+    table5_sota.describe_argument(parser, "out", "where table4.md / .csv / .png and "
+                                                 f"provenance.json go (default runs/{TABLE})")
+    table5_sota.describe_argument(parser, "runs", "finished registration runs to use instead of "
+                                                  "training (ROW in voxelmorph ltnet "
+                                                  "ltnet_tuned); copied to <table5>/<ROW>/")
+    parser.add_argument("--table5", type=Path, default=REPO_ROOT / "runs" / "table5",
+                        help="Table 5's output folder: its rows are read back from there, or "
+                             "trained there if missing (default runs/table5)")
     args = parser.parse_args(argv)
-    overrides = overrides_from_args(args)
-    configs, run_dirs, scores, baseline = collect_rows(
-        TABLE, config_paths(TABLE, args.rows), args.out, overrides, parse_runs(args.runs, TABLE),
-        args.verbose)
-    results = {NO_REGISTRATION: baseline}
-    paper_rows = {}
-    for row, row_scores in scores.items():
-        label, paper = TABLE_ROWS[TABLE][row]
-        results[label] = row_scores
-        paper_rows[label] = paper
-    markdown = write_structure_table(args.out, TABLE, "Table 4: Dice per structure", results,
-                                     paper_rows, [NOTE])
-    write_provenance(args.out, TABLE, configs, overrides,
-                     {"run_dirs": {r: str(d) for r, d in run_dirs.items()}})
+    out = args.out
+    args.out = args.table5
+    result = table5_sota.collect(args)
+    results = result.labelled()
+    paper_rows = {table5_sota.LABELS[r][0]: table5_sota.LABELS[r][1] for r in result.rows}
+    grid = next(iter(result.configs.values())).data.network_shape
+    title = (f"Table 4: Dice per structure — atlas {result.atlas}, {len(result.baseline)} "
+             f"held-out subjects, network grid {grid}")
+    markdown = write_structure_table(out, TABLE, title, results, paper_rows, [NOTE])
+    bar_chart(results, out / BARS, title)
+    write_provenance(out, TABLE, result.configs, result.overrides, {
+        "segnet_overrides": result.segnet_overrides, "table5_dir": str(args.table5),
+        "run_dirs": {r: str(d) for r, d in result.run_dirs.items()}, "atlas": result.atlas})
     print(markdown)
+    return result
 
 
 if __name__ == "__main__":
