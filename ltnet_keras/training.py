@@ -4,7 +4,9 @@ A run directory holds ``config.yaml``, ``environment.json`` (versions, devices, 
 ``atlas.json`` (atlas, label table, grid), ``checkpoints/``, ``logs/`` (TensorBoard),
 ``history.csv`` (one row per ``log_every`` steps), ``loss_curve.png``, with
 ``data.align: affine`` ``aligned/`` (the pool and held-out scans aligned to the atlas, and the
-alignments) and, at the end, ``forward_generator.h5`` (all that segmentation needs).
+alignments) and, at the end, ``forward_generator.h5`` (all that segmentation needs) and, for
+objectives with a backward path, ``backward_generator.h5`` (G_B: the reconstructed atlas of
+Fig. 3).
 """
 import csv
 import json
@@ -23,6 +25,7 @@ from ltnet_keras.models.ltnet import LTNet
 from ltnet_keras.records import atomic_write_text, package_versions
 
 FORWARD_WEIGHTS = "forward_generator.h5"
+BACKWARD_WEIGHTS = "backward_generator.h5"
 # With data.align: affine, the scans aligned to the atlas (and their alignments) are kept here.
 ALIGNED_DIR = "aligned"
 
@@ -99,6 +102,13 @@ def build_model(config: ExperimentConfig, inshape, fast_path: bool = True) -> LT
                   jit_compile=train.jit_compile)
     model.build_optimizers()
     return model
+
+
+def _save_weights(network, path: Path) -> None:
+    """``network``'s weights at ``path``, written whole or not at all."""
+    tmp = path.with_name(path.stem + ".tmp.h5")
+    network.save_weights(str(tmp))
+    os.replace(tmp, path)
 
 
 def _plain(value):
@@ -349,9 +359,9 @@ def train(config: ExperimentConfig, run_dir, strategy=None, verbose: int = 1,
                 f"{manager.latest_checkpoint}") from None
         if monitor.failure:
             raise NonFiniteLossError(monitor.failure)
-    tmp_weights = run_dir / "forward_generator.tmp.h5"
-    model.forward_generator.save_weights(str(tmp_weights))
-    os.replace(tmp_weights, run_dir / FORWARD_WEIGHTS)
+    _save_weights(model.forward_generator, run_dir / FORWARD_WEIGHTS)
+    if model.backward_generator is not None:
+        _save_weights(model.backward_generator, run_dir / BACKWARD_WEIGHTS)
     plot_history(history, run_dir / "loss_curve.png")
     return TrainResult(run_dir, int(model.generator_optimizer.iterations.numpy()), start,
                        model, data)

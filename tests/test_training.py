@@ -22,7 +22,8 @@ import pytest
 import tensorflow as tf
 
 from ltnet_keras.config import apply_preset, config_from_dict, load_config, save_config
-from ltnet_keras.training import FORWARD_WEIGHTS, NonFiniteLossError, build_model, train
+from ltnet_keras.training import (BACKWARD_WEIGHTS, FORWARD_WEIGHTS, NonFiniteLossError,
+                                  build_model, train)
 
 CROP = [128, 192, 128]        # -> 32x48x32
 SMALL_CROP = [64, 64, 64]     # -> 16x16x16
@@ -168,6 +169,22 @@ def test_resume_restores_the_trained_weights(tmp_path_factory, lpba40_root, tmp_
         np.testing.assert_array_equal(a, b)
     # the Adam state came back too
     assert int(result.model.generator_optimizer.iterations.numpy()) == 20
+
+
+@pytest.mark.slow
+def test_backward_generator_is_saved_only_when_trained(tmp_path_factory, lpba40_root, tmp_path):
+    """An objective with a backward path leaves G_B's final weights (Fig. 3's reconstructed
+    atlas needs them); VoxelMorph has no G_B and leaves none."""
+    assert not (small_run(tmp_path_factory, lpba40_root) / BACKWARD_WEIGHTS).exists()
+    config = make_config(lpba40_root, 10, crop=SMALL_CROP, preset="gan_cyc")
+    result = train(config, tmp_path / "run", verbose=0)
+    from ltnet_keras.models.generators import make_generator
+    saved = make_generator(result.data.atlas.image.shape, config.network, "saved")
+    saved.load_weights(str(tmp_path / "run" / BACKWARD_WEIGHTS))
+    trained = result.model.backward_generator.get_weights()
+    assert any(np.any(w != 0) for w in trained)
+    for a, b in zip(saved.get_weights(), trained):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.slow
