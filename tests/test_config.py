@@ -6,8 +6,9 @@ import ltnet_keras  # noqa: F401
 import pytest
 import yaml
 
-from ltnet_keras.config import (PRESETS, ExperimentConfig, LossWeights, apply_preset,
-                                config_from_dict, config_to_dict, load_config, save_config)
+from ltnet_keras.config import (EXTENSION_TERMS, PRESETS, ExperimentConfig, LossWeights,
+                                apply_preset, config_from_dict, config_to_dict, load_config,
+                                save_config)
 
 TERMS = ("gan", "sim", "cyc", "smooth", "trans", "anatomy_cyc", "diff_cyc")
 
@@ -35,14 +36,15 @@ def test_preset_switches_exactly_its_terms(preset):
     assert config.preset == preset
     active = {k: v for k, v in config.weights.terms().items() if v > 0}
     assert active == EXPECTED[preset]
-    assert set(config.weights.terms()) == set(TERMS)
+    # Eq. (11)'s seven terms, plus the extensions beyond the paper, which no preset switches on.
+    assert set(config.weights.terms()) == set(TERMS) | set(EXTENSION_TERMS)
 
 
 def test_ltnet_uses_the_eq11_weights():
     weights = apply_preset(ExperimentConfig(), "ltnet").weights
     assert [getattr(weights, t) for t in TERMS] == [1, 1, 10, 3, 3, 3, 3]
     from ltnet_keras.losses import EQ11_WEIGHTS
-    assert weights.terms() == EQ11_WEIGHTS
+    assert {t: w for t, w in weights.terms().items() if t not in EXTENSION_TERMS} == EQ11_WEIGHTS
 
 
 def test_apply_preset_keeps_the_ncc_window():
