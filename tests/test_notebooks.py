@@ -47,7 +47,7 @@ def test_committed_notebook_shows_its_figure(name):
     assert path.stat().st_size < run_notebooks.MAX_MB * 1e6
     # Made from the committed runs, not from the fallback.
     assert "is not a finished training run" not in _text(outputs)
-    assert "results/demo_ltnet_1000" in _text(outputs)
+    assert "results/recipe/ltnet" in _text(outputs)
 
 
 def test_tensorflow_start_up_lines_are_dropped_and_nothing_else():
