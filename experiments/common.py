@@ -22,8 +22,8 @@ import yaml
 
 import ltnet_keras  # noqa: F401  (sets up tf.keras before TensorFlow loads)
 from ltnet_keras import evaluation
-from ltnet_keras.config import (ExperimentConfig, LossWeights, config_to_dict, load_config,
-                                validate)
+from ltnet_keras.config import (ExperimentConfig, LossWeights, config_to_dict, flat_config,
+                                load_config, validate)
 from ltnet_keras.tables import (PAPER_NOTE, PAPER_REFERENCE, PAPER_TABLE4,  # noqa: F401
                                 SHARED_STRUCTURES, Row, format_markdown_table, write_provenance,
                                 write_structure_table, write_table)
@@ -228,21 +228,11 @@ def parse_runs(items: Optional[Sequence[str]], table: str,
     return runs
 
 
-def _flatten(values: dict, prefix: str = "") -> Dict[str, object]:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return flat
-
-
 def config_differences(ours: ExperimentConfig, theirs: ExperimentConfig,
                        ignore: Sequence[str] = ("name",)) -> List[str]:
     """``"train.steps: 500 != 1000"`` for every setting (dotted key) in which two configs
     differ, except the keys in ``ignore``."""
-    a, b = _flatten(config_to_dict(ours)), _flatten(config_to_dict(theirs))
+    a, b = flat_config(ours), flat_config(theirs)
     return [f"{key}: {a.get(key)!r} != {b.get(key)!r}" for key in sorted(set(a) | set(b))
             if key not in ignore and a.get(key) != b.get(key)]
 

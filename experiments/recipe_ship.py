@@ -24,7 +24,7 @@ from common import REPO_ROOT, SMOKE_OVERRIDES, CONFIG_DIR, parse_set, write_prov
 
 from ltnet_keras.config import load_config
 from ltnet_keras.records import atomic_write_text
-from ltnet_keras.search import _final_history_row, run_setting
+from ltnet_keras.search import final_history_row, run_setting
 from ltnet_keras.training import BACKWARD_WEIGHTS, FORWARD_WEIGHTS
 
 #: The issue's bars for the shipped recipe.
@@ -34,7 +34,7 @@ MIN_PULL = 0.05         # each active term's gradient norm w.r.t. the field, as 
 
 def pulls(run_dir: Path) -> dict:
     """Each active term's gradient norm w.r.t. the forward field over L_sim's, last log step."""
-    final = _final_history_row(run_dir)
+    final = final_history_row(run_dir)
     sim = final.get("grad_sim")
     return {key[len("grad_"):]: value / sim for key, value in final.items()
             if key.startswith("grad_") and key != "grad_sim"} if sim else {}

@@ -318,12 +318,27 @@ def apply_overrides(values: dict, overrides: Optional[dict]) -> dict:
     return values
 
 
-def config_to_dict(config: ExperimentConfig) -> dict:
+def config_to_dict(config) -> dict:
+    """A config dataclass with a ``data`` section (:class:`ExperimentConfig`, the segmentation
+    U-Net's ``SegNetConfig``) as plain YAML-ready values."""
     values = dataclasses.asdict(config)
     values["data"]["crop_shape"] = list(config.data.crop_shape)
     return values
 
 
-def save_config(config: ExperimentConfig, path) -> None:
+def flat_config(config) -> Dict[str, object]:
+    """:func:`config_to_dict` with dotted keys: ``{"train.steps": 500, ...}``."""
+    def flatten(values: dict, prefix: str) -> Dict[str, object]:
+        flat = {}
+        for key, value in values.items():
+            if isinstance(value, dict):
+                flat.update(flatten(value, f"{prefix}{key}."))
+            else:
+                flat[f"{prefix}{key}"] = value
+        return flat
+    return flatten(config_to_dict(config), "")
+
+
+def save_config(config, path) -> None:
     from ltnet_keras.records import atomic_write_text
     atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-from ltnet_keras.config import ExperimentConfig, apply_preset, config_to_dict, load_config
+from ltnet_keras.config import ExperimentConfig, apply_preset, flat_config, load_config
 from ltnet_keras.records import atomic_write_text, csv_text
 
 #: What a row reports, in table order.
@@ -31,22 +31,12 @@ _NOT_A_CHANGE = {"train.steps", "train.log_every", "train.checkpoint_every", "tr
                  "train.log_grad_norms", "train.jit_compile", "name", "preset", "segment.label_interp"}
 
 
-def _flatten(values: dict, prefix: str = "") -> Dict[str, object]:
-    flat = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 def describe_changes(config: ExperimentConfig) -> str:
     """The objective and schedule settings of ``config`` that differ from its preset (for the
     ``ltnet`` preset: from the paper's Eq. (11)), e.g. ``"weights.gan=0, penalties.trans_eps=0.5"``;
     data settings are shared by a whole search and left out."""
-    reference = _flatten(config_to_dict(apply_preset(ExperimentConfig(), config.preset)))
-    ours = _flatten(config_to_dict(config))
+    reference = flat_config(apply_preset(ExperimentConfig(), config.preset))
+    ours = flat_config(config)
     changes = [f"{key}={_short(value)}" for key, value in ours.items()
                if key not in _NOT_A_CHANGE and not key.startswith("data.")
                and reference.get(key) != value]
@@ -79,7 +69,7 @@ def is_voxelmorph_twin(config: ExperimentConfig) -> bool:
             and config.train.ramp_steps == 0)
 
 
-def _final_history_row(run_dir: Path) -> Dict[str, float]:
+def final_history_row(run_dir: Path) -> Dict[str, float]:
     from ltnet_keras.training import read_history
     rows = read_history(run_dir / "history.csv")
     return {k: float(v) for k, v in rows[-1].items()} if rows else {}
@@ -127,7 +117,7 @@ def run_setting(config: ExperimentConfig, run_dir, results_dir, verbose: int = 2
            f"{config.name}: {result.steps_done} steps, atlas {result.data.atlas.subject}, "
            f"network grid {config.data.network_shape}")
     summary = evaluation.summarise(scores)
-    final = _final_history_row(run_dir)
+    final = final_history_row(run_dir)
     weakest, ratio = weakest_term(final)
     row = {"setting": config.name, "changes": describe_changes(config),
            "steps": generator_steps(config), "dice_mean": summary["mean"],

@@ -17,7 +17,8 @@ from typing import List, Optional
 
 import yaml
 
-from ltnet_keras.config import DataConfig, _check_choice, _from_dict, apply_overrides
+from ltnet_keras.config import (DataConfig, _check_choice, _from_dict, apply_overrides,
+                                config_to_dict, save_config)
 
 SEGNET_METHODS = ("supervised", "dataaug")
 #: How DataAug carries the atlas labels through a spatial transform: trilinear on the one-hot
@@ -141,13 +142,7 @@ def load_segnet_config(path, overrides: Optional[dict] = None) -> SegNetConfig:
     return segnet_config_from_dict(apply_overrides(values, overrides), where=str(path))
 
 
-def segnet_config_to_dict(config: SegNetConfig) -> dict:
-    values = dataclasses.asdict(config)
-    values["data"]["crop_shape"] = list(config.data.crop_shape)
-    return values
-
-
-def save_segnet_config(config: SegNetConfig, path) -> None:
-    from ltnet_keras.records import atomic_write_text
-    atomic_write_text(path, yaml.safe_dump(segnet_config_to_dict(config), sort_keys=False))
+# The registration configs' writers serve any config with a data section.
+segnet_config_to_dict = config_to_dict
+save_segnet_config = save_config
 
