@@ -24,7 +24,7 @@ from common import REPO_ROOT, SMOKE_OVERRIDES, CONFIG_DIR, parse_set, write_prov
 
 from ltnet_keras.config import load_config
 from ltnet_keras.records import atomic_write_text
-from ltnet_keras.search import final_history_row, run_setting
+from ltnet_keras.search import final_history_row, run_setting, term_pulls
 from ltnet_keras.training import BACKWARD_WEIGHTS, FORWARD_WEIGHTS
 
 #: The issue's bars for the shipped recipe.
@@ -32,24 +32,16 @@ MIN_GAIN = 1.0          # Dice points over the twin, every seed
 MIN_PULL = 0.05         # each active term's gradient norm w.r.t. the field, as a share of sim's
 
 
-def pulls(run_dir: Path) -> dict:
-    """Each active term's gradient norm w.r.t. the forward field over L_sim's, last log step."""
-    final = final_history_row(run_dir)
-    sim = final.get("grad_sim")
-    return {key[len("grad_"):]: value / sim for key, value in final.items()
-            if key.startswith("grad_") and key != "grad_sim"} if sim else {}
-
-
-def check_seed(ltnet: dict, twin: dict, term_pulls: dict) -> dict:
+def check_seed(ltnet: dict, twin: dict, pulls: dict) -> dict:
     """The issue's three criteria for one seed (``ltnet``/``twin``: search rows)."""
     gain = ltnet["dice_mean"] - twin["dice_mean"]
-    weakest = min(term_pulls.values()) if term_pulls else float("nan")
+    weakest = min(pulls.values()) if pulls else float("nan")
     return {"ltnet_dice": ltnet["dice_mean"], "twin_dice": twin["dice_mean"], "gain": gain,
             "ltnet_folding_percent": ltnet["folding_percent"],
-            "twin_folding_percent": twin["folding_percent"], "pulls": term_pulls,
+            "twin_folding_percent": twin["folding_percent"], "pulls": pulls,
             "beats_twin_by_1": gain >= MIN_GAIN,
             "folds_no_more": ltnet["folding_percent"] <= twin["folding_percent"],
-            "every_term_pulls_5pct": bool(term_pulls) and weakest >= MIN_PULL}
+            "every_term_pulls_5pct": bool(pulls) and weakest >= MIN_PULL}
 
 
 def _results_dir(out: Path, seed: int, role: str) -> Path:
@@ -108,8 +100,8 @@ def main(argv=None):
             for weights in (FORWARD_WEIGHTS, BACKWARD_WEIGHTS):
                 if (run_dir / weights).exists():
                     shutil.copy2(run_dir / weights, results_dir / weights)
-        checks[seed] = check_seed(rows["ltnet"], rows["voxelmorph"],
-                                  pulls(args.runs / f"seed{seed}" / "ltnet"))
+        final = final_history_row(args.runs / f"seed{seed}" / "ltnet")
+        checks[seed] = check_seed(rows["ltnet"], rows["voxelmorph"], term_pulls(final))
     recipe_name = load_config(args.recipe).name
     atomic_write_text(args.out / "criteria.json", json.dumps(checks, indent=2))
     first = configs[next(iter(configs))]

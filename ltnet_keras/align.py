@@ -23,7 +23,7 @@ from nibabel import orientations
 from ltnet_keras.config import ALIGN_MODES
 from ltnet_keras.data.errors import VolumeError
 from ltnet_keras.data.io import Volume, load_image, save_volume, subject_id
-from ltnet_keras.records import atomic_write_text
+from ltnet_keras.records import atomic_write_text, read_keyed_record
 
 __all__ = ["ALIGN_MODES", "check_align_mode", "axis_codes", "reorient", "voxel_map",
            "resample", "resample_volume", "zoom_grid", "Alignment", "RegistrationSettings",
@@ -360,15 +360,8 @@ class AlignmentCache:
 
     def _cached(self, scan_path, atlas: Volume) -> Optional[Alignment]:
         record_path, _ = self._paths(scan_path)
-        if not record_path.exists():
-            return None
-        try:
-            record = json.loads(record_path.read_text())
-        except json.JSONDecodeError:
-            return None
-        if record.get("key") != self._key(scan_path, atlas):
-            return None
-        return Alignment.from_dict(record["alignment"])
+        record = read_keyed_record(record_path, self._key(scan_path, atlas))
+        return None if record is None else Alignment.from_dict(record["alignment"])
 
     def alignment(self, scan: Volume, atlas: Volume) -> Alignment:
         """The kept alignment of ``scan`` if still valid, else a new registration (kept)."""

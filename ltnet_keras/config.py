@@ -339,6 +339,23 @@ def flat_config(config) -> Dict[str, object]:
     return flatten(config_to_dict(config), "")
 
 
+def check_resume_config(run_dir, config, load=None) -> None:
+    """A resumed run must continue the same experiment: ``run_dir/config.yaml`` (read back
+    through ``load``, default :func:`load_config`, so options added since the run started
+    take their defaults) equals ``config`` except for ``train.steps``, which may be extended."""
+    saved_path = Path(run_dir) / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved = config_to_dict((load or load_config)(saved_path))
+    current = config_to_dict(config)
+    for values in (saved, current):
+        values["train"].pop("steps", None)
+    if saved != current:
+        raise ValueError(f"{run_dir} holds a run with a different configuration; use another "
+                         "run directory or the same config (only train.steps may change on "
+                         "resume)")
+
+
 def save_config(config, path) -> None:
     from ltnet_keras.records import atomic_write_text
     atomic_write_text(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))

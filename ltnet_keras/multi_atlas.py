@@ -31,7 +31,7 @@ import numpy as np
 from ltnet_keras import evaluation
 from ltnet_keras.data.errors import VolumeError
 from ltnet_keras.fusion import JointFusionSettings, joint_label_fusion, majority_vote
-from ltnet_keras.records import atomic_write_text
+from ltnet_keras.records import atomic_write_text, read_keyed_record
 
 __all__ = ["SynSettings", "SMOKE_SYN", "WarpedAtlas", "register_atlas", "RegistrationCache",
            "ranked_atlases", "MultiAtlasRow", "FUSION_METHODS", "ants_multi_atlas",
@@ -219,13 +219,10 @@ class RegistrationCache:
     def _read(self, atlas_files, target_files) -> Optional[WarpedAtlas]:
         from ltnet_keras.data.io import load_image, load_label_map
         record_path, labels_path, image_path = self._paths(atlas_files.id, target_files.id)
-        if not (record_path.exists() and labels_path.exists() and image_path.exists()):
+        if not (labels_path.exists() and image_path.exists()):
             return None
-        try:
-            record = json.loads(record_path.read_text())
-        except json.JSONDecodeError:
-            return None
-        if record.get("key") != self._key(atlas_files, target_files):
+        record = read_keyed_record(record_path, self._key(atlas_files, target_files))
+        if record is None:
             return None
         return WarpedAtlas(atlas_files.id, target_files.id, load_label_map(labels_path).array,
                            load_image(image_path).array, float(record["seconds"]))
@@ -271,13 +268,10 @@ class MultiAtlasRow:
 
 def _read_row(row_dir: Path, key: dict) -> Optional[MultiAtlasRow]:
     record_path, scores_path = row_dir / "row.json", row_dir / "scores.csv"
-    if not (record_path.exists() and scores_path.exists()):
+    if not scores_path.exists():
         return None
-    try:
-        record = json.loads(record_path.read_text())
-    except json.JSONDecodeError:
-        return None
-    if record.get("key") != key:
+    record = read_keyed_record(record_path, key)
+    if record is None:
         return None
     scores = evaluation.read_scores_csv(scores_path)
     if [s.subject for s in scores] != list(key["subjects"]):

@@ -1,6 +1,7 @@
 """Writing result records: atomic text files, CSV text, and the versions behind a result."""
 import csv
 import io
+import json
 import os
 import platform
 import tempfile
@@ -49,3 +50,16 @@ def package_versions() -> Dict[str, Optional[str]]:
         except PackageNotFoundError:
             versions[name] = None
     return versions
+
+
+def read_keyed_record(path, key) -> Optional[dict]:
+    """The JSON record a cache wrote at ``path`` if it was made from ``key`` (its ``"key"``
+    entry equals it); ``None`` if it is missing, unreadable or made from something else."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return None
+    return record if record.get("key") == key else None

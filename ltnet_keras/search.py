@@ -75,12 +75,18 @@ def final_history_row(run_dir: Path) -> Dict[str, float]:
     return {k: float(v) for k, v in rows[-1].items()} if rows else {}
 
 
-def weakest_term(history_row: Dict[str, float]):
-    """The active term with the smallest pull on the forward field relative to L_sim's
-    (``grad_<term> / grad_sim`` at the last logged step): ``(name, ratio)`` or ``("", nan)``."""
+def term_pulls(history_row: Dict[str, float]) -> Dict[str, float]:
+    """Each active term's pull on the forward field relative to L_sim's, ``grad_<term> /
+    grad_sim`` (empty without gradient-norm columns)."""
     sim = history_row.get("grad_sim")
-    ratios = {key[len("grad_"):]: value / sim for key, value in history_row.items()
-              if key.startswith("grad_") and key != "grad_sim"} if sim else {}
+    return {key[len("grad_"):]: value / sim for key, value in history_row.items()
+            if key.startswith("grad_") and key != "grad_sim"} if sim else {}
+
+
+def weakest_term(history_row: Dict[str, float]):
+    """The active term with the smallest :func:`term_pulls` at the last logged step:
+    ``(name, ratio)`` or ``("", nan)``."""
+    ratios = term_pulls(history_row)
     if not ratios:
         return "", float("nan")
     name = min(ratios, key=ratios.get)

@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from ltnet_keras import evaluation
+from ltnet_keras.config import check_resume_config
 from ltnet_keras.data.dataset import PreparedSubject, prepare_subjects, prepare_volumes, \
     subject_files
 from ltnet_keras.data.errors import VolumeError
@@ -260,20 +261,6 @@ def file_digest(path) -> str:
     return digest.hexdigest()
 
 
-def _check_same_config(run_dir: Path, config: SegNetConfig) -> None:
-    """A resumed run must continue the same experiment (only train.steps may change)."""
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.exists():
-        return
-    saved = segnet_config_to_dict(load_segnet_config(saved_path))
-    current = segnet_config_to_dict(config)
-    for values in (saved, current):
-        values["train"].pop("steps", None)
-    if saved != current:
-        raise ValueError(f"{run_dir} holds a run with a different configuration; use another "
-                         "folder or the same config (only train.steps may change on resume)")
-
-
 @dataclass
 class SegNetTrainResult:
     run_dir: Path
@@ -302,7 +289,7 @@ def train_segnet(config: SegNetConfig, run_dir, source=None, verbose: int = 1
     """
     import tensorflow as tf
     run_dir = Path(run_dir)
-    _check_same_config(run_dir, config)
+    check_resume_config(run_dir, config, load_segnet_config)
     table = LabelTable.from_tsv(config.data.resolved_labels_tsv())
     train = config.train
     tf.keras.utils.set_random_seed(train.seed)

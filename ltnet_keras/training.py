@@ -19,7 +19,8 @@ from typing import Optional
 
 import tensorflow as tf
 
-from ltnet_keras.config import ExperimentConfig, config_to_dict, load_config, save_config
+from ltnet_keras.config import (ExperimentConfig, check_resume_config, config_to_dict,
+                                save_config)
 from ltnet_keras.data.dataset import TrainingData, load_training_data, training_dataset
 from ltnet_keras.models.ltnet import LTNet
 from ltnet_keras.records import atomic_write_text, package_versions
@@ -270,21 +271,6 @@ class TrainResult:
     data: TrainingData
 
 
-def _check_same_config(run_dir: Path, config: ExperimentConfig) -> None:
-    """A resumed run must continue the same experiment (steps may be extended)."""
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.exists():
-        return
-    # Through the dataclasses, so that options added since the run started take their defaults.
-    saved = config_to_dict(load_config(saved_path))
-    current = config_to_dict(config)
-    for values in (saved, current):
-        values["train"].pop("steps", None)
-    if saved != current:
-        raise ValueError(f"{run_dir} holds a run with a different configuration; use another "
-                         "--out or the same config (only train.steps may change on resume)")
-
-
 def train(config: ExperimentConfig, run_dir, strategy=None, verbose: int = 1,
           data: Optional[TrainingData] = None) -> TrainResult:
     """Train (or resume) the run in ``run_dir``; returns the model and the data it used.
@@ -293,7 +279,7 @@ def train(config: ExperimentConfig, run_dir, strategy=None, verbose: int = 1,
     a refused run leaves no run directory behind.
     """
     run_dir = Path(run_dir)
-    _check_same_config(run_dir, config)
+    check_resume_config(run_dir, config)
     steps, log_every = config.train.steps, config.train.log_every
     if steps % log_every or config.train.checkpoint_every % log_every:
         raise ValueError(f"train.steps ({steps}) and train.checkpoint_every "
