@@ -15,7 +15,7 @@ Rows, in the paper's order:
 
 Every row is scored on the held-out subjects' own full-resolution grids. Writes in <out>:
 table5.md / table5.csv (mean (std), min, max over subjects next to the paper's CANDI numbers),
-table5_subjects.csv (per subject and row), table5_boxplot.png, provenance.json. Finished rows
+table5_subjects.csv (per subject and row), table5.png (box plot), provenance.json. Finished rows
 are read back, not redone; an interrupted row resumes from its last checkpoint.
 
     python experiments/table5_sota.py --out runs/table5
@@ -51,7 +51,6 @@ RUN_FILES = ("forward_generator.h5", "config.yaml", "atlas.json", "environment.j
              "backward_generator.h5")
 INSTALLED = "installed_from.json"
 SUBJECTS_CSV = "table5_subjects.csv"
-BOXPLOT = "table5_boxplot.png"
 FLOOR_CSV = "scores_no_registration.csv"
 # --smoke for the U-Net rows (besides the registration rows' tiny grid and subjects).
 SEGNET_SMOKE = {"train.steps": 10, "train.checkpoint_every": 10,
@@ -250,42 +249,6 @@ def subjects_csv(result: Table5Result) -> Path:
     return path
 
 
-def boxplot(result: Table5Result) -> Path:
-    """Per-subject mean Dice (%) of each row as a box with its points; the paper's mean as a
-    marker where the row has one (CANDI: compare the ordering only)."""
-    from matplotlib.figure import Figure
-
-    from common import PAPER_REFERENCE
-    results = result.labelled()
-    papers = [None] + [LABELS[r][1] for r in result.rows]
-    values = [[100 * s.mean_structure for s in scores] for scores in results.values()]
-    fig = Figure(figsize=(1.6 * len(values) + 2, 4.5))
-    ax = fig.subplots()
-    ax.boxplot(values, showfliers=False)
-    rng = np.random.default_rng(0)
-    for k, row_values in enumerate(values, start=1):
-        ax.scatter(k + rng.uniform(-0.12, 0.12, len(row_values)), row_values, s=12,
-                   color="tab:blue", alpha=0.7, zorder=3)
-    shown = False
-    for k, paper in enumerate(papers, start=1):
-        if paper in PAPER_REFERENCE[TABLE]:
-            ax.scatter([k], [PAPER_REFERENCE[TABLE][paper][0]], marker="x", color="tab:red",
-                       zorder=4, label=None if shown else "paper mean (CANDI)")
-            shown = True
-    ax.set_xticks(range(1, len(values) + 1))
-    ax.set_xticklabels([label.replace(" (", "\n(").replace(", ", ",\n")
-                        for label in results], fontsize=8)
-    ax.set_ylabel("Dice (%), mean over merged structures")
-    ax.set_title(f"Table 5 on LPBA40: {len(result.baseline)} held-out subjects, atlas "
-                 f"{result.atlas}")
-    if shown:
-        ax.legend(fontsize=8, loc="best")
-    fig.tight_layout()
-    path = result.out / BOXPLOT
-    fig.savefig(path, dpi=100)
-    return path
-
-
 def write_outputs(result: Table5Result) -> str:
     rows = [Row(NO_REGISTRATION, result.baseline, note="floor: affine pre-alignment only")]
     rows += [Row(LABELS[r][0], result.scores[r], LABELS[r][1]) for r in result.rows]
@@ -295,7 +258,6 @@ def write_outputs(result: Table5Result) -> str:
              f"{len(result.baseline)} held-out subjects, network grid {grid}, steps {steps}")
     markdown = write_table(result.out, TABLE, title, rows, NOTES)
     subjects_csv(result)
-    boxplot(result)
     installed = {r: json.loads((d / INSTALLED).read_text())["source"]
                  for r, d in result.run_dirs.items() if (d / INSTALLED).exists()}
     write_provenance(result.out, TABLE, result.configs, result.overrides, {

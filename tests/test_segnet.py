@@ -225,7 +225,7 @@ def test_table5_and_table4_smoke_runs_write_every_output(lpba40_root, table_scri
     assert len((out5 / "table5.csv").read_text().splitlines()) == 1 + len(EVERY_METHOD)
     subjects = csv_rows(out5 / "table5_subjects.csv")
     assert [(r["method"], r["subject"]) for r in subjects] == [(m, "S13") for m in EVERY_METHOD]
-    assert (out5 / "table5_boxplot.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out5 / "table5.png").read_bytes()[:4] == b"\x89PNG"
     provenance = json.loads((out5 / "provenance.json").read_text())
     assert set(provenance["configs"]) == {"voxelmorph", "ltnet", "ltnet_tuned", "dataaug", "unet"}
     assert set(provenance["seeds"].values()) == {0}
