@@ -481,14 +481,29 @@ def _recipe_notes(table: str, recipe_path: Path, recipe: ExperimentConfig,
     return notes
 
 
+def _row_label(table: str, key: str) -> str:
+    """``'+ L_GAN' (recipe weights)`` for the key ``gan@recipe`` of Table 1."""
+    row = key.split("@", 1)[0]
+    name = TABLE_ROWS.get(table, {}).get(row, (row,))[0]
+    return f"'{name}' ({RECIPE_WEIGHTS})" if key.endswith(RECIPE_SUFFIX) else f"'{name}'"
+
+
+def _wall_time_note(table: str, seconds: Mapping[str, Optional[float]],
+                    reuse: Mapping[str, dict]) -> str:
+    """One line: each trained run's training wall time (a shared run once)."""
+    timed = [f"{_row_label(table, key)} {value / 60:.1f}" for key, value in seconds.items()
+             if value is not None and "shared_with" not in reuse.get(key, {})]
+    untimed = [_row_label(table, key) for key, value in seconds.items() if value is None]
+    note = ("Training wall time (minutes, this machine's 2 CPU cores, all sittings): "
+            + (", ".join(timed) if timed else "none recorded"))
+    if untimed:
+        note += f"; not recorded (trained before the clock) for {', '.join(untimed)}"
+    return note + "."
+
+
 def _reuse_notes(table: str, reuse: Mapping[str, dict]) -> List[str]:
-    labels = TABLE_ROWS.get(table, {})
-
     def label(key):
-        row = key.split("@", 1)[0]
-        name = labels.get(row, (row,))[0]
-        return f"'{name}' ({RECIPE_WEIGHTS})" if key.endswith(RECIPE_SUFFIX) else f"'{name}'"
-
+        return _row_label(table, key)
     notes = []
     for key, record in reuse.items():
         if "shared_with" in record:
@@ -535,6 +550,10 @@ def run_table(table_name: str, config_paths: Sequence[Path], out_root,
     baseline = _baseline(configs, run_dirs)
     rows = table_rows(table_name, list(paper), scores, baseline) + list(extra_rows)
     notes += _reuse_notes(table_name, reuse)
+    from ltnet_keras.training import train_seconds
+    seconds = {key: train_seconds(d) for key, d in run_dirs.items()}
+    notes.append(_wall_time_note(table_name, seconds, reuse))
+    extra["train_seconds"] = seconds
     first = next(iter(configs.values()))
     steps = sorted({c.train.steps for c in configs.values()})
     title = (f"{title or table_name} — atlas {run_atlas(next(iter(run_dirs.values())))}, "

@@ -11,7 +11,6 @@ read back, not recomputed, so a search can span several sittings.
 """
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -25,7 +24,6 @@ COLUMNS = ("setting", "changes", "steps", "dice_mean", "dice_std", "twin", "vs_t
 #: Run-directory files copied next to the row (all small; no weights, no volumes).
 ARTEFACTS = ("config.yaml", "environment.json", "atlas.json", "history.csv", "loss_curve.png",
              "results.md", "summary.csv")
-_TRAIN_CLOCK = "train_seconds.json"
 # Settings that only bookkeep or log; they are not "what changed".
 _NOT_A_CHANGE = {"train.steps", "train.log_every", "train.checkpoint_every", "train.devices",
                  "train.log_grad_norms", "train.jit_compile", "name", "preset", "segment.label_interp"}
@@ -94,16 +92,11 @@ def weakest_term(history_row: Dict[str, float]):
 
 
 def _timed_train(config: ExperimentConfig, run_dir: Path, verbose: int):
-    """Train (or resume); the wall time of every sitting is added up in the run directory."""
-    from ltnet_keras.training import train
-    clock_path = run_dir / _TRAIN_CLOCK
-    before = json.loads(clock_path.read_text())["seconds"] if clock_path.exists() else 0.0
-    start = time.perf_counter()
+    """Train (or resume); returns the result and the run's wall time over all its sittings
+    (0 for a run that was already finished before the training clock existed)."""
+    from ltnet_keras.training import train, train_seconds
     result = train(config, run_dir, verbose=verbose)
-    seconds = before + (time.perf_counter() - start if result.steps_done > result.resumed_from
-                        else 0.0)
-    atomic_write_text(clock_path, json.dumps({"seconds": seconds}))
-    return result, seconds
+    return result, train_seconds(run_dir) or 0.0
 
 
 def run_setting(config: ExperimentConfig, run_dir, results_dir, verbose: int = 2) -> dict:

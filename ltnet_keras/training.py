@@ -13,6 +13,7 @@ import json
 import math
 import os
 import platform
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -27,6 +28,8 @@ from ltnet_keras.records import atomic_write_text, package_versions
 
 FORWARD_WEIGHTS = "forward_generator.h5"
 BACKWARD_WEIGHTS = "backward_generator.h5"
+#: Wall time of training, summed over every sitting of a run (resumes included).
+TRAIN_CLOCK = "train_seconds.json"
 # With data.align: affine, the scans aligned to the atlas (and their alignments) are kept here.
 ALIGNED_DIR = "aligned"
 
@@ -271,6 +274,20 @@ class TrainResult:
     data: TrainingData
 
 
+def train_seconds(run_dir) -> Optional[float]:
+    """Wall time (s) the run in ``run_dir`` has spent training, over all its sittings; ``None``
+    for a run that never recorded it (trained before the clock existed)."""
+    path = Path(run_dir) / TRAIN_CLOCK
+    if not path.exists():
+        return None
+    return float(json.loads(path.read_text())["seconds"])
+
+
+def _add_train_seconds(run_dir: Path, seconds: float) -> None:
+    total = (train_seconds(run_dir) or 0.0) + seconds
+    atomic_write_text(run_dir / TRAIN_CLOCK, json.dumps({"seconds": total}))
+
+
 def train(config: ExperimentConfig, run_dir, strategy=None, verbose: int = 1,
           data: Optional[TrainingData] = None) -> TrainResult:
     """Train (or resume) the run in ``run_dir``; returns the model and the data it used.
@@ -329,6 +346,7 @@ def train(config: ExperimentConfig, run_dir, strategy=None, verbose: int = 1,
         monitor = RunMonitor(manager, history, log_every, config.train.checkpoint_every, steps,
                              probe)
         callbacks = [monitor, tf.keras.callbacks.TensorBoard(str(run_dir / "logs"))]
+        clock = time.perf_counter()
         try:
             model.fit(dataset, epochs=steps // log_every, steps_per_epoch=log_every,
                       initial_epoch=start // log_every, callbacks=callbacks, verbose=verbose)
@@ -343,6 +361,10 @@ def train(config: ExperimentConfig, run_dir, strategy=None, verbose: int = 1,
                 f"non-finite displacement field at step {step} (NaN in the input or the "
                 f"network); the run stopped and its last good checkpoint is "
                 f"{manager.latest_checkpoint}") from None
+        finally:
+            # Counted even for a sitting that fails or is interrupted: its steps after the
+            # last checkpoint are redone on resume, and that time was spent too.
+            _add_train_seconds(run_dir, time.perf_counter() - clock)
         if monitor.failure:
             raise NonFiniteLossError(monitor.failure)
     _save_weights(model.forward_generator, run_dir / FORWARD_WEIGHTS)

@@ -311,6 +311,11 @@ def test_run_table_one_row_writes_table_and_provenance(tiny_table, capsys):
         assert key in provenance
     assert provenance["configs"]["voxelmorph"]["train"]["steps"] == 10
     assert provenance["seeds"] == {"voxelmorph": 0}
+    # the row's training wall time, from its run directory's clock, in provenance and notes
+    seconds = provenance["train_seconds"]["voxelmorph"]
+    assert seconds == json.loads((out / "voxelmorph" / "train_seconds.json").read_text())["seconds"]
+    assert seconds > 0
+    assert f"'VoxelMorph' {seconds / 60:.1f}" in markdown
     assert [s.subject for s in result.scores["voxelmorph"]] == ["S13"]
     # A second call finds the run finished and scored, and reads it back.
     again = common.run_table("table1", common.config_paths("table1", ["voxelmorph"]), out, TINY,

@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from ltnet_keras.config import apply_preset, config_from_dict, load_config, save_config
 from ltnet_keras.training import (BACKWARD_WEIGHTS, FORWARD_WEIGHTS, NonFiniteLossError,
-                                  build_model, train)
+                                  build_model, train, train_seconds)
 
 CROP = [128, 192, 128]        # -> 32x48x32
 SMALL_CROP = [64, 64, 64]     # -> 16x16x16
@@ -147,6 +147,10 @@ def test_resume_continues_from_the_last_checkpoint(tmp_path_factory, lpba40_root
     assert result.resumed_from == 20
     assert result.steps_done == 30
     assert int(result.model.generator_optimizer.iterations.numpy()) == 30
+    # the training clock adds this sitting's time to the first sitting's
+    first_sitting = train_seconds(small_run(tmp_path_factory, lpba40_root))
+    assert first_sitting > 0
+    assert train_seconds(run) > first_sitting
     assert history_steps(run) == [10, 20, 30]
     assert checkpoint_step(run) == 30
     saved = load_config(run / "config.yaml")
@@ -161,6 +165,7 @@ def test_resume_restores_the_trained_weights(tmp_path_factory, lpba40_root, tmp_
     result = train(make_config(lpba40_root, 20, crop=SMALL_CROP), run, verbose=0)
     assert result.resumed_from == 20 and result.steps_done == 20
     assert history_steps(run) == [10, 20]
+    assert train_seconds(run) == train_seconds(source)  # no step, no time added
     from ltnet_keras.models.generators import make_generator
     saved = make_generator(result.data.atlas.image.shape,
                            make_config(lpba40_root, 20, crop=SMALL_CROP).network, "saved")
