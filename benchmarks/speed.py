@@ -123,21 +123,21 @@ def _train_name(args) -> str:
     return name
 
 
-def bench_train(args):
-    """One training step (G and D updates) of a preset: on a real LPBA40 pair, or on a
-    synthetic one of ``--network-shape`` (timings and memory do not depend on the data)."""
+def _train_step(args, preset):
+    """(run one step of ``preset``, network shape): a compiled train step on a real LPBA40
+    pair, or on a synthetic one of ``--network-shape`` (timings and memory do not depend on
+    the data)."""
     import ltnet_keras  # noqa: F401
-    _threads(args)
     import tensorflow as tf
     from ltnet_keras.config import apply_preset, config_from_dict
     from ltnet_keras.data.dataset import load_training_data, training_dataset
     from ltnet_keras.training import build_model
     config = config_from_dict({
-        "preset": args.preset,
+        "preset": preset,
         "data": {"atlas": "S01", "train_subjects": ["S01", "S11", "S12"],
                  "crop_shape": list(args.train_shape), "factor": args.factor},
         "train": {"jit_compile": bool(args.jit), "recompute_generators": bool(args.recompute)}})
-    config = apply_preset(config, args.preset)
+    config = apply_preset(config, preset)
     if args.network_shape:
         shape, batch = tuple(args.network_shape), _synthetic_batch(args.network_shape)
     else:
@@ -146,12 +146,48 @@ def bench_train(args):
         batch = next(iter(training_dataset(data, 1, 0, 0, 1)))
     model = build_model(config, shape, fast_path=not args.reference)
     step = tf.function(model.train_step, jit_compile=bool(args.jit))
-    mean, best = _mean_time(lambda: [v.numpy() for v in step(batch).values()], args.repeats)
+    return (lambda: [v.numpy() for v in step(batch).values()]), shape
+
+
+def bench_train(args):
+    """One training step (G and D updates) of ``--preset``."""
+    import ltnet_keras  # noqa: F401  (before TensorFlow: it selects Keras 2)
+    _threads(args)
+    run, shape = _train_step(args, args.preset)
+    mean, best = _mean_time(run, args.repeats)
     return {"what": _train_name(args), "shape": list(shape), "mean_s": mean, "min_s": best,
             "peak_gib": _peak_gib()}
 
 
-BENCHES = {"vxm_forward": bench_vxm_forward, "segment": bench_segment, "train": bench_train}
+def bench_train_pair(args):
+    """The ltnet / voxelmorph step ratio with both models in one process, their steps
+    alternating: a load change on a shared machine then hits both sides of each ratio alike.
+    Reports the median of the per-round ratios (``--repeats`` rounds); peak memory is the
+    two models' together, so it is not comparable to the single-preset rows."""
+    import statistics
+    import ltnet_keras  # noqa: F401  (before TensorFlow: it selects Keras 2)
+    _threads(args)
+    runs = {}
+    for preset in ("voxelmorph", args.preset):
+        runs[preset], shape = _train_step(args, preset)
+        runs[preset]()  # trace / warm up
+    ratios, seconds = [], {preset: [] for preset in runs}
+    for _ in range(args.repeats):
+        for preset, run in runs.items():
+            start = time.perf_counter()
+            run()
+            seconds[preset].append(time.perf_counter() - start)
+        ratios.append(seconds[args.preset][-1] / seconds["voxelmorph"][-1])
+    return {"what": f"ratio {args.preset} / voxelmorph step, alternating in one process",
+            "shape": list(shape), "mean_s": statistics.mean(seconds[args.preset]),
+            "min_s": min(seconds[args.preset]), "peak_gib": _peak_gib(),
+            "detail": {"median_ratio": statistics.median(ratios), "min_ratio": min(ratios),
+                       "max_ratio": max(ratios),
+                       "voxelmorph_mean_s": statistics.mean(seconds["voxelmorph"])}}
+
+
+BENCHES = {"vxm_forward": bench_vxm_forward, "segment": bench_segment, "train": bench_train,
+           "train_pair": bench_train_pair}
 
 
 def _child_args(args, name, extra):
@@ -246,6 +282,8 @@ def main():
     parser.add_argument("--model-fractions", type=float, nargs="+", default=[0.5, 0.6, 0.7],
                         help="grid sides (fractions of --full-shape) for the memory model")
     parser.add_argument("--memory-limit-gib", type=float, default=14.0)
+    parser.add_argument("--pair-rounds", type=int, default=10,
+                        help="rounds of the alternating ltnet / voxelmorph ratio (default 10)")
     parser.add_argument("--jit", action="store_true", help="XLA jit_compile for the networks")
     parser.add_argument("--intra-threads", type=int, default=0)
     parser.add_argument("--inter-threads", type=int, default=0)
@@ -272,6 +310,8 @@ def main():
         jobs += [("train", ["--preset", p]) for p in args.presets]
         if "ltnet" in args.presets:
             jobs.append(("train", ["--preset", "ltnet", "--reference"]))
+            jobs.append(("train_pair", ["--preset", "ltnet", "--repeats",
+                                        str(max(args.repeats, args.pair_rounds))]))
     results = [r for r in (_run_child(args, name, extra) for name, extra in jobs) if r]
     base = {r["what"]: r["mean_s"] for r in results}
     fwd = base.get("VxmDense forward (voxelmorph 0.2)")
@@ -282,6 +322,11 @@ def main():
     for r in results:
         if vm and r["what"].startswith("train step") and "voxelmorph" not in r["what"]:
             print(f"ratio {r['what']} / voxelmorph step: {r['mean_s'] / vm:.2f}")
+    for r in results:
+        if r["what"].startswith("ratio"):
+            d = r["detail"]
+            print(f"{r['what']}: median {d['median_ratio']:.2f} (min {d['min_ratio']:.2f}, max "
+                  f"{d['max_ratio']:.2f}) over {max(args.repeats, args.pair_rounds)} rounds")
     if args.only in (None, "full"):
         bench_full(args)
 
