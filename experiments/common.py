@@ -502,15 +502,14 @@ def _wall_time_note(table: str, seconds: Mapping[str, Optional[float]],
 
 
 def _reuse_notes(table: str, reuse: Mapping[str, dict]) -> List[str]:
-    def label(key):
-        return _row_label(table, key)
     notes = []
     for key, record in reuse.items():
+        label = _row_label(table, key)
         if "shared_with" in record:
-            notes.append(f"{label(key)} trains exactly like {label(record['shared_with'])}: "
-                         "one run serves both.")
+            notes.append(f"{label} trains exactly like "
+                         f"{_row_label(table, record['shared_with'])}: one run serves both.")
         elif record["differences"]:
-            notes.append(f"{label(key)} reuses {record['run']}, whose config differs from the "
+            notes.append(f"{label} reuses {record['run']}, whose config differs from the "
                          "row's: " + "; ".join(record["differences"]) + ".")
     return notes
 
