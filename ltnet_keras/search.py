@@ -91,24 +91,16 @@ def weakest_term(history_row: Dict[str, float]):
     return name, ratios[name]
 
 
-def _timed_train(config: ExperimentConfig, run_dir: Path, verbose: int):
-    """Train (or resume); returns the result and the run's wall time over all its sittings
-    (0 for a run that was already finished before the training clock existed)."""
-    from ltnet_keras.training import train, train_seconds
-    result = train(config, run_dir, verbose=verbose)
-    return result, train_seconds(run_dir) or 0.0
-
-
 def run_setting(config: ExperimentConfig, run_dir, results_dir, verbose: int = 2) -> dict:
     """Train, score and record one setting; returns its row (without the twin columns)."""
     from ltnet_keras import evaluation
     from ltnet_keras.experiment import report, segment_and_score
-    from ltnet_keras.training import FORWARD_WEIGHTS
+    from ltnet_keras.training import FORWARD_WEIGHTS, train, train_seconds
     run_dir, results_dir = Path(run_dir), Path(results_dir)
     row_path = results_dir / "row.json"
     if row_path.exists():
         return json.loads(row_path.read_text())
-    result, seconds = _timed_train(config, run_dir, verbose)
+    result = train(config, run_dir, verbose=verbose)
     interp = config.segment.label_interp
     scores = segment_and_score(run_dir, config, list(config.data.val_subjects), interp)
     method = f"{config.name}_{interp}"
@@ -125,7 +117,9 @@ def run_setting(config: ExperimentConfig, run_dir, results_dir, verbose: int = 2
            "folding_percent": summary.get("folding_percent", float("nan")),
            "log_jacobian_std": summary.get("log_jacobian_std", float("nan")),
            "discriminator_loss": final.get("discriminator", float("nan")),
-           "weakest_term": weakest, "weakest_ratio": ratio, "train_seconds": seconds,
+           "weakest_term": weakest, "weakest_ratio": ratio,
+           # 0 for a run finished before training kept its clock
+           "train_seconds": train_seconds(run_dir) or 0.0,
            "is_voxelmorph_twin": is_voxelmorph_twin(config)}
     results_dir.mkdir(parents=True, exist_ok=True)
     # A twin's G_F (1.3 MB) is kept: rows that start from it (train.init_from) and
