@@ -28,6 +28,7 @@ def _peak_gib() -> float:
 
 
 def _threads(args):
+    import ltnet_keras  # noqa: F401  (before TensorFlow: it selects Keras 2)
     import tensorflow as tf
     if args.intra_threads:
         tf.config.threading.set_intra_op_parallelism_threads(args.intra_threads)
@@ -151,7 +152,6 @@ def _train_step(args, preset):
 
 def bench_train(args):
     """One training step (G and D updates) of ``--preset``."""
-    import ltnet_keras  # noqa: F401  (before TensorFlow: it selects Keras 2)
     _threads(args)
     run, shape = _train_step(args, args.preset)
     mean, best = _mean_time(run, args.repeats)
@@ -165,7 +165,6 @@ def bench_train_pair(args):
     Reports the median of the per-round ratios (``--repeats`` rounds); peak memory is the
     two models' together, so it is not comparable to the single-preset rows."""
     import statistics
-    import ltnet_keras  # noqa: F401  (before TensorFlow: it selects Keras 2)
     _threads(args)
     runs = {}
     for preset in ("voxelmorph", args.preset):
