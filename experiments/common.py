@@ -167,15 +167,49 @@ def parse_set(items: Sequence[str]) -> dict:
     return overrides
 
 
+#: Where ``--smoke`` writes when no output folder is given (gitignored, like every run).
+SMOKE_ROOT = REPO_ROOT / "runs" / "smoke"
+
+
+def _shown(path: Path) -> str:
+    path = Path(path)
+    return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else str(path)
+
+
+class ExperimentParser(argparse.ArgumentParser):
+    """An argument parser whose output folders (:meth:`add_output`) default to
+    ``runs/smoke/<name>/<dest>`` under ``--smoke``, so that a pipeline check never writes into
+    real runs or committed results; a folder given on the command line is used as it is."""
+
+    def __init__(self, name: str, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(**kwargs)
+        self.name = name
+        self.output_defaults: Dict[str, Path] = {}
+
+    def add_output(self, flag: str, default: Path, help: str):
+        dest = flag.lstrip("-").replace("-", "_")
+        self.output_defaults[dest] = Path(default)
+        self.add_argument(flag, type=Path, default=None,
+                          help=f"{help} (default {_shown(default)}; with --smoke "
+                               f"{_shown(SMOKE_ROOT / self.name / dest)})")
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        smoke = getattr(parsed, "smoke", False)
+        for dest, default in self.output_defaults.items():
+            if getattr(parsed, dest) is None:
+                setattr(parsed, dest, SMOKE_ROOT / self.name / dest if smoke else default)
+        return parsed
+
+
 def build_parser(table: str, description: str, reuse_runs: bool = False,
                  recipe: bool = False) -> argparse.ArgumentParser:
     """The arguments every table script shares; ``reuse_runs`` adds ``--runs ROW=RUN_DIR``,
     ``recipe`` adds ``--recipe PATH`` and ``--paper-only`` (Tables 1-2)."""
-    parser = argparse.ArgumentParser(description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "runs" / table,
-                        help="output folder: one run directory per row, the table, provenance "
-                             f"(default runs/{table})")
+    parser = ExperimentParser(table, description=description)
+    parser.add_output("--out", REPO_ROOT / "runs" / table,
+                      "output folder: one run directory per row, the table, provenance")
     parser.add_argument("--steps", type=int, help="override train.steps of every trained row")
     parser.add_argument("--rows", nargs="+", metavar="ROW",
                         help=f"subset of rows to train (valid: {' '.join(TABLE_ROWS[table])})")

@@ -9,12 +9,11 @@ each row against the VoxelMorph twin of the same G_F budget. Finished settings a
 
     python experiments/recipe_search.py                               # every setting, in order
     python experiments/recipe_search.py --settings 00_vm_twin_500 02_paper
-    python experiments/recipe_search.py --smoke --out /tmp/search     # pipeline check only
+    python experiments/recipe_search.py --smoke      # pipeline check, in runs/smoke/recipe_search
 """
-import argparse
-from pathlib import Path
 
-from common import CONFIG_DIR, REPO_ROOT, SMOKE_OVERRIDES, parse_set, write_provenance
+from common import (CONFIG_DIR, REPO_ROOT, SMOKE_OVERRIDES, ExperimentParser, parse_set,
+                    write_provenance)
 
 from ltnet_keras.config import load_config
 from ltnet_keras.search import run_search
@@ -35,14 +34,13 @@ NOTES = (
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ExperimentParser("recipe_search", description=__doc__)
     parser.add_argument("--settings", nargs="+", metavar="STEM",
                         help="YAML stems under experiments/configs/recipe (default: all, in order)")
-    parser.add_argument("--runs", type=Path, default=REPO_ROOT / "runs" / "recipe_search",
-                        help="run directories (checkpoints; not committed)")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "recipe_search",
-                        help="the table and each setting's small artefacts")
+    parser.add_output("--runs", REPO_ROOT / "runs" / "recipe_search",
+                      "run directories (checkpoints; not committed)")
+    parser.add_output("--out", REPO_ROOT / "results" / "recipe_search",
+                      "the table and each setting's small artefacts")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="config override for every setting, e.g. --set train.steps=100")
     parser.add_argument("--smoke", action="store_true",

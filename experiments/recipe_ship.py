@@ -12,15 +12,15 @@ by >= 1.0 Dice point, folds no more voxels, and keeps every active term's pull o
 field >= 5% of L_sim's at the end of training.
 
     python experiments/recipe_ship.py                      # seeds 0 and 1, 1500 steps
-    python experiments/recipe_ship.py --smoke --out /tmp/ship
+    python experiments/recipe_ship.py --smoke        # pipeline check, in runs/smoke/recipe_ship
 """
-import argparse
 import dataclasses
 import json
 import shutil
 from pathlib import Path
 
-from common import REPO_ROOT, SMOKE_OVERRIDES, CONFIG_DIR, parse_set, write_provenance
+from common import (CONFIG_DIR, REPO_ROOT, SMOKE_OVERRIDES, ExperimentParser, parse_set,
+                    write_provenance)
 
 from ltnet_keras.config import load_config
 from ltnet_keras.records import atomic_write_text
@@ -71,14 +71,14 @@ def format_results(recipe_name: str, steps: int, subjects, checks: dict) -> str:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ExperimentParser("recipe_ship", description=__doc__)
     parser.add_argument("--recipe", type=Path, default=CONFIG_DIR / "ltnet_tuned.yaml")
     parser.add_argument("--twin", type=Path, default=CONFIG_DIR / "recipe" / "00_vm_twin_500.yaml")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
-    parser.add_argument("--runs", type=Path, default=REPO_ROOT / "runs" / "recipe")
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "results" / "recipe")
+    parser.add_output("--runs", REPO_ROOT / "runs" / "recipe", "run directories (not committed)")
+    parser.add_output("--out", REPO_ROOT / "results" / "recipe",
+                      "the criteria, results and each run's small artefacts")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--smoke", action="store_true", help="tiny pipeline check only")
     parser.add_argument("--verbose", type=int, default=2)

@@ -353,3 +353,42 @@ def test_recipe_settings_share_one_protocol(path):
         assert (source / "forward_generator.h5").exists() and (source / "config.yaml").exists()
     names = [load_config(p).name for p in RECIPE_CONFIGS]
     assert len(set(names)) == len(names)
+
+
+class _Parsed(Exception):
+    """Raised instead of running a script once its arguments are parsed."""
+
+
+_PARSE_ARGS = common.ExperimentParser.parse_args
+
+
+def _parsed_outputs(script, argv, monkeypatch):
+    """The output folders ``experiments/<script>.py`` would use for ``argv``, and their
+    defaults, read off its real parser (the script stops right after parsing)."""
+    import importlib
+    seen = {}
+
+    def parse_and_stop(self, args=None, namespace=None):
+        seen["parser"], seen["args"] = self, _PARSE_ARGS(self, args, namespace)
+        raise _Parsed
+
+    monkeypatch.setattr(common.ExperimentParser, "parse_args", parse_and_stop)
+    with pytest.raises(_Parsed):
+        importlib.import_module(script).main(argv)
+    dests = seen["parser"].output_defaults
+    return {d: getattr(seen["args"], d) for d in dests}, dests
+
+
+@pytest.mark.parametrize("script", ["recipe_search", "recipe_ship", "table1_forward_backward",
+                                    "table2_ablation", "table3_multi_atlas",
+                                    "table4_structures", "table5_sota"])
+def test_smoke_writes_apart_from_real_runs_and_results(script, monkeypatch, tmp_path):
+    smoke, defaults = _parsed_outputs(script, ["--smoke"], monkeypatch)
+    assert "out" in smoke
+    for dest, path in smoke.items():
+        assert path.parent == common.SMOKE_ROOT / path.parent.name and path.name == dest
+        assert defaults[dest] != path and common.SMOKE_ROOT not in defaults[dest].parents
+    real, _ = _parsed_outputs(script, [], monkeypatch)
+    assert real == defaults
+    given, _ = _parsed_outputs(script, ["--smoke", "--out", str(tmp_path)], monkeypatch)
+    assert given["out"] == tmp_path
