@@ -160,29 +160,34 @@ def bench_train(args):
 
 
 def bench_train_pair(args):
-    """The ltnet / voxelmorph step ratio with both models in one process, their steps
-    alternating: a load change on a shared machine then hits both sides of each ratio alike.
-    Reports the median of the per-round ratios (``--repeats`` rounds); peak memory is the
-    two models' together, so it is not comparable to the single-preset rows."""
+    """The step ratio of each of ``--pair-presets`` to voxelmorph with all the models in one
+    process, their steps alternating: a load change on a shared machine then hits both sides
+    of each ratio alike. Reports each preset's median of the per-round ratios (``--repeats``
+    rounds); peak memory is all the models' together, so it is not comparable to the
+    single-preset rows."""
     import statistics
     _threads(args)
     runs = {}
-    for preset in ("voxelmorph", args.preset):
+    for preset in ("voxelmorph", *args.pair_presets):
         runs[preset], shape = _train_step(args, preset)
         runs[preset]()  # trace / warm up
-    ratios, seconds = [], {preset: [] for preset in runs}
+    seconds = {preset: [] for preset in runs}
     for _ in range(args.repeats):
         for preset, run in runs.items():
             start = time.perf_counter()
             run()
             seconds[preset].append(time.perf_counter() - start)
-        ratios.append(seconds[args.preset][-1] / seconds["voxelmorph"][-1])
-    return {"what": f"ratio {args.preset} / voxelmorph step, alternating in one process",
-            "shape": list(shape), "mean_s": statistics.mean(seconds[args.preset]),
-            "min_s": min(seconds[args.preset]), "peak_gib": _peak_gib(),
-            "detail": {"median_ratio": statistics.median(ratios), "min_ratio": min(ratios),
-                       "max_ratio": max(ratios),
-                       "voxelmorph_mean_s": statistics.mean(seconds["voxelmorph"])}}
+    detail = {"voxelmorph_mean_s": statistics.mean(seconds["voxelmorph"])}
+    for preset in args.pair_presets:
+        ratios = [s / v for s, v in zip(seconds[preset], seconds["voxelmorph"])]
+        detail.update({f"{preset}_median_ratio": statistics.median(ratios),
+                       f"{preset}_min_ratio": min(ratios), f"{preset}_max_ratio": max(ratios),
+                       f"{preset}_mean_s": statistics.mean(seconds[preset])})
+    last = args.pair_presets[-1]
+    return {"what": f"ratio {' / '.join(args.pair_presets)} to voxelmorph step, alternating "
+                    "in one process",
+            "shape": list(shape), "mean_s": detail[f"{last}_mean_s"],
+            "min_s": min(seconds[last]), "peak_gib": _peak_gib(), "detail": detail}
 
 
 BENCHES = {"vxm_forward": bench_vxm_forward, "segment": bench_segment, "train": bench_train,
@@ -282,7 +287,11 @@ def main():
                         help="grid sides (fractions of --full-shape) for the memory model")
     parser.add_argument("--memory-limit-gib", type=float, default=14.0)
     parser.add_argument("--pair-rounds", type=int, default=10,
-                        help="rounds of the alternating ltnet / voxelmorph ratio (default 10)")
+                        help="rounds of the alternating ratios to voxelmorph (default 10)")
+    parser.add_argument("--pair-presets", nargs="+", default=["gan_cyc", "ltnet"],
+                        help="presets timed against voxelmorph, alternating (default gan_cyc: "
+                             "G_F, G_B and D with the image cycle only, the networks' floor; "
+                             "and ltnet)")
     parser.add_argument("--jit", action="store_true", help="XLA jit_compile for the networks")
     parser.add_argument("--intra-threads", type=int, default=0)
     parser.add_argument("--inter-threads", type=int, default=0)
@@ -309,7 +318,7 @@ def main():
         jobs += [("train", ["--preset", p]) for p in args.presets]
         if "ltnet" in args.presets:
             jobs.append(("train", ["--preset", "ltnet", "--reference"]))
-            jobs.append(("train_pair", ["--preset", "ltnet", "--repeats",
+            jobs.append(("train_pair", ["--pair-presets", *args.pair_presets, "--repeats",
                                         str(max(args.repeats, args.pair_rounds))]))
     results = [r for r in (_run_child(args, name, extra) for name, extra in jobs) if r]
     base = {r["what"]: r["mean_s"] for r in results}
@@ -324,8 +333,11 @@ def main():
     for r in results:
         if r["what"].startswith("ratio"):
             d = r["detail"]
-            print(f"{r['what']}: median {d['median_ratio']:.2f} (min {d['min_ratio']:.2f}, max "
-                  f"{d['max_ratio']:.2f}) over {max(args.repeats, args.pair_rounds)} rounds")
+            for preset in args.pair_presets:
+                print(f"ratio {preset} / voxelmorph step, alternating in one process: median "
+                      f"{d[preset + '_median_ratio']:.2f} (min {d[preset + '_min_ratio']:.2f}, "
+                      f"max {d[preset + '_max_ratio']:.2f}) over "
+                      f"{max(args.repeats, args.pair_rounds)} rounds")
     if args.only in (None, "full"):
         bench_full(args)
 

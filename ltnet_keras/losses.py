@@ -152,7 +152,14 @@ def smoothness_loss(field):
     Returns:
         ``(batch,)``.
     """
-    field = _f32(field)
+    return _mean_squared_differences(_f32(field))
+
+
+# One XLA program, and its gradient another: the differences and their gradients fuse into a
+# pass or two over the field, where TensorFlow's gradient of each of the six slices writes a
+# zero-padded full-size copy (fwd + bwd 0.12 s -> 0.02 s per 80x96x80 field on 2 cores).
+@tf.function(jit_compile=True)
+def _mean_squared_differences(field):
     differences = (field[:, 1:, :, :, :] - field[:, :-1, :, :, :],
                    field[:, :, 1:, :, :] - field[:, :, :-1, :, :],
                    field[:, :, :, 1:, :] - field[:, :, :, :-1, :])

@@ -128,6 +128,19 @@ def test_smoothness_hand_values(name):
     np.testing.assert_allclose(value, [expected, 0.0], rtol=1e-5, atol=1e-7)
 
 
+def test_smoothness_gradient_hand_values():
+    """Component 0 = a*x on a 3^3 grid: L = (1/3) * mean of the 54 squared x-differences
+    (18 of them a), so dL/dfield = (1/3) (2/54) (d_before - d_after): -2a/162 at x = 0, 0 at
+    x = 1, +2a/162 at x = 2, on component 0 only."""
+    field = tf.Variable(t32(field_from((A * X3, 0, 0), n=3)))
+    with tf.GradientTape() as tape:
+        value = tf.reduce_sum(L.smoothness_loss(field))
+    gradient = tape.gradient(value, field).numpy()[0]
+    expected = np.zeros_like(gradient)
+    expected[0, :, :, 0], expected[2, :, :, 0] = -2 * A / 162, 2 * A / 162
+    np.testing.assert_allclose(gradient, expected, rtol=1e-5, atol=1e-8)
+
+
 def test_smoothness_matches_voxelmorph_grad_l2():
     import voxelmorph as vxm
     field = t32(np.random.default_rng(4).normal(size=(2, 4, 5, 6, 3)))
