@@ -12,8 +12,9 @@ weights, and differs from it only in float rounding. What changes is the cost:
 * A one-hot label map (the atlas labels, Eq. 2) is warped from its label *index* map: the 8
   corners of a voxel carry 8 labels, so each channel of the warped one-hot map is the sum of
   the weights of the corners carrying its label, and its gradient is 8 look-ups per voxel
-  instead of 8 dot products over all channels. The gradient of warping that map once more (``l_bar_s``, Fig. 2) is likewise
-  read at 64 (weight, label) pairs per voxel, never scattered as ``(voxels, channels)`` rows.
+  instead of 8 dot products over all channels. The gradient of warping that map once more
+  (``l_bar_s``, Fig. 2) is likewise read at 64 (weight, label) pairs per voxel, never
+  scattered as ``(voxels, channels)`` rows.
 * Each piece runs as one XLA program. TensorFlow's CPU scatter (UnsortedSegmentSum) is
   5-15x slower than XLA's, and XLA fuses the corner arithmetic into the gathers.
 
