@@ -190,9 +190,17 @@ class ExperimentParser(argparse.ArgumentParser):
     def add_output(self, flag: str, default: Path, help: str):
         dest = flag.lstrip("-").replace("-", "_")
         self.output_defaults[dest] = Path(default)
-        self.add_argument(flag, type=Path, default=None,
-                          help=f"{help} (default {_shown(default)}; with --smoke "
-                               f"{_shown(SMOKE_ROOT / self.name / dest)})")
+        self.add_argument(flag, type=Path, default=None)
+        self.describe_output(dest, help)
+
+    def describe(self, dest: str, help: str) -> None:
+        """Reword the help of the argument ``dest`` (one a shared builder made)."""
+        next(action for action in self._actions if action.dest == dest).help = help
+
+    def describe_output(self, dest: str, help: str) -> None:
+        """:meth:`describe` for an output folder: its two defaults are appended."""
+        self.describe(dest, f"{help} (default {_shown(self.output_defaults[dest])}; with "
+                            f"--smoke {_shown(SMOKE_ROOT / self.name / dest)})")
 
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)
@@ -204,11 +212,14 @@ class ExperimentParser(argparse.ArgumentParser):
 
 
 def build_parser(table: str, description: str, reuse_runs: bool = False,
-                 recipe: bool = False) -> argparse.ArgumentParser:
+                 recipe: bool = False, name: Optional[str] = None) -> ExperimentParser:
     """The arguments every table script shares; ``reuse_runs`` adds ``--runs ROW=RUN_DIR``,
-    ``recipe`` adds ``--recipe PATH`` and ``--paper-only`` (Tables 1-2)."""
-    parser = ExperimentParser(table, description=description)
-    parser.add_output("--out", REPO_ROOT / "runs" / table,
+    ``recipe`` adds ``--recipe PATH`` and ``--paper-only`` (Tables 1-2). ``name``: the
+    script's, for its output folders (``runs/<name>``; default ``table``), where it is not
+    the table whose rows it trains (Table 4 reads Table 5's)."""
+    name = name or table
+    parser = ExperimentParser(name, description=description)
+    parser.add_output("--out", REPO_ROOT / "runs" / name,
                       "output folder: one run directory per row, the table, provenance")
     parser.add_argument("--steps", type=int, help="override train.steps of every trained row")
     parser.add_argument("--rows", nargs="+", metavar="ROW",

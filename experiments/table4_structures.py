@@ -62,15 +62,10 @@ def bar_chart(results, out_path: Path, title: str) -> Path:
 
 
 def main(argv=None):
-    parser = table5_sota.build_table5_parser(__doc__)
-    parser.name = TABLE
-    parser.output_defaults["out"] = REPO_ROOT / "runs" / TABLE
-    table5_sota.describe_argument(parser, "out", "where table4.md / .csv / .png and "
-                                                 f"provenance.json go (default runs/{TABLE}; "
-                                                 f"with --smoke runs/smoke/{TABLE}/out)")
-    table5_sota.describe_argument(parser, "runs", "finished registration runs to use instead of "
-                                                  "training (ROW in voxelmorph ltnet "
-                                                  "ltnet_tuned); copied to <table5>/<ROW>/")
+    parser = table5_sota.build_table5_parser(__doc__, name=TABLE)
+    parser.describe_output("out", "where table4.md / .csv / .png and provenance.json go")
+    parser.describe("runs", "finished registration runs to use instead of training (ROW in "
+                            "voxelmorph ltnet ltnet_tuned); copied to <table5>/<ROW>/")
     parser.add_output("--table5", REPO_ROOT / "runs" / "table5",
                       "Table 5's output folder: its rows are read back from there, or trained "
                       "there if missing")

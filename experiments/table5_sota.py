@@ -71,16 +71,12 @@ NOTES = [
 
 # ----------------------------------------------------------------------------- arguments
 
-def describe_argument(parser, dest: str, help_text: str) -> None:
-    """Reword the help of an argument :func:`common.build_parser` made for every table."""
-    next(action for action in parser._actions if action.dest == dest).help = help_text
-
-
-def build_table5_parser(description: str = __doc__):
-    parser = build_parser(TABLE, description)
-    describe_argument(parser, "rows", f"subset of rows (valid: {' '.join(ROWS)}); DataAug brings "
-                                      "the VoxelMorph row with it")
-    describe_argument(parser, "steps", "override train.steps of the registration rows")
+def build_table5_parser(description: str = __doc__, name: str = TABLE):
+    """Table 5's arguments; ``name``: the script's (its output folders, see ``build_parser``)."""
+    parser = build_parser(TABLE, description, name=name)
+    parser.describe("rows", f"subset of rows (valid: {' '.join(ROWS)}); DataAug brings the "
+                            "VoxelMorph row with it")
+    parser.describe("steps", "override train.steps of the registration rows")
     parser.add_argument("--runs", nargs="+", metavar="ROW=RUN_DIR", default=[],
                         help="finished registration runs to use instead of training "
                              f"(ROW in {' '.join(REGISTRATION_ROWS)}); copied to <out>/<ROW>/")
