@@ -1,5 +1,5 @@
 # `make demo`: set up .venv if missing, then train VoxelMorph and LT-Net briefly on LPBA40, evaluate both.
-# `make test`: set up .venv if missing, then run the test suite (what CI runs).
+# `make test`: set up .venv if missing, check the import layers (.importlinter), run the test suite (what CI runs).
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -21,6 +21,7 @@ demo: $(STAMP)
 	$(BIN)/python experiments/demo.py --config experiments/configs/demo_voxelmorph.yaml experiments/configs/demo.yaml --out runs/demo
 
 test: $(STAMP)
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
 
 clean-demo:

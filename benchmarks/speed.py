@@ -82,7 +82,7 @@ def bench_segment(args):
     import ltnet_keras  # noqa: F401
     _threads(args)
     from ltnet_keras.config import default_data_root
-    from ltnet_keras.segment import Segmenter
+    from ltnet_keras.inference.segment import Segmenter
     root = default_data_root()
     with tempfile.TemporaryDirectory() as tmp:
         _make_run(args, tmp, args.segment_shape, 1, "voxelmorph", ["S01", "S11"])

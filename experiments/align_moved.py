@@ -1,4 +1,4 @@
-"""Does `ltnet segment --align affine` undo a move in the scanner? Held-out LPBA40 scans moved
+"""Does `ltnet segment --align affine` undo a move in the scanner? Validation LPBA40 scans moved
 (<= 10 deg, <= 10 mm, 0.95-1.05 size; seed kept) and stored as FreeSurfer stores them
 (256^3, 1 mm, LIA, .mgz), segmented with a trained run and scored against their moved labels
 on the moved grid, beside the same scans segmented in place.
@@ -77,7 +77,7 @@ def make_moved(args) -> dict:
 
 
 def main(argv=None):
-    from ltnet_keras.segment import Segmenter
+    from ltnet_keras.inference.segment import Segmenter
     args = parse_args(argv)
     load_before = os.getloadavg()
     moves = make_moved(args)
@@ -140,7 +140,7 @@ def write_report(args, results, seconds, moves, load):
     atlas = json.loads((args.run / "atlas.json").read_text())["atlas"]
     lines = ["# Segmenting moved scans: `--align affine` vs the scans in place", "",
              f"Run `{args.run.name}` (atlas {atlas}), "
-             f"held-out subjects {args.subjects[0]}-{args.subjects[-1]}; moves drawn with seed "
+             f"validation subjects {args.subjects[0]}-{args.subjects[-1]}; moves drawn with seed "
              f"{args.seed} (<= 10 deg about a random axis, <= 10 mm, scale 0.95-1.05), scans and "
              "labels resampled onto FreeSurfer's 256^3 1 mm LIA grid and stored as .mgz "
              "(`experiments/moved_scans.py`). Moved rows are scored against the moved labels on "

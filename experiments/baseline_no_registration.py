@@ -14,7 +14,7 @@ from ltnet_keras import evaluation
 from ltnet_keras.config import load_config
 from ltnet_keras.data.dataset import resolve_atlas
 from ltnet_keras.data.io import find_subjects
-from ltnet_keras.experiment import no_registration_scores, report
+from ltnet_keras.study.experiment import no_registration_scores, report
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import write_provenance  # noqa: E402

@@ -1,6 +1,6 @@
 """The README's main job: short real trainings on LPBA40, then evaluation.
 
-Each config is trained (resuming if its run directory holds a checkpoint), the held-out subjects
+Each config is trained (resuming if its run directory holds a checkpoint), the validation subjects
 are segmented with both label warps, and one table compares every run with the
 no-registration baseline. Each run's directory keeps its own results.md and CSVs.
 """
@@ -10,7 +10,7 @@ from pathlib import Path
 import ltnet_keras  # noqa: F401  (sets up tf.keras before TensorFlow loads)
 from ltnet_keras import evaluation
 from ltnet_keras.config import load_config
-from ltnet_keras.experiment import run_experiment
+from ltnet_keras.study.experiment import run_experiment
 from ltnet_keras.records import atomic_write_text
 
 
@@ -30,7 +30,7 @@ def main():
             label = method if method == "no_registration" else f"{config.name}: {method}"
             summaries[label] = evaluation.summarise(scores)
     table = evaluation.format_summary_table(summaries)
-    atomic_write_text(out / "demo.md", "Mean Dice (%) over merged structures, held-out "
+    atomic_write_text(out / "demo.md", "Mean Dice (%) over merged structures, validation "
                       "subjects\n\n```\n" + table + "\n```\n")
     print(table)
 

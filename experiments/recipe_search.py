@@ -16,7 +16,7 @@ from common import (CONFIG_DIR, REPO_ROOT, SMOKE_OVERRIDES, ExperimentParser, pa
                     write_provenance)
 
 from ltnet_keras.config import load_config
-from ltnet_keras.search import run_search
+from ltnet_keras.study.search import run_search
 
 RECIPE_DIR = CONFIG_DIR / "recipe"
 NOTES = (

@@ -24,7 +24,7 @@ from common import (CONFIG_DIR, REPO_ROOT, SMOKE_OVERRIDES, ExperimentParser, pa
 
 from ltnet_keras.config import load_config
 from ltnet_keras.records import atomic_write_text
-from ltnet_keras.search import final_history_row, run_setting, term_pulls
+from ltnet_keras.study.search import final_history_row, run_setting, term_pulls
 from ltnet_keras.training import BACKWARD_WEIGHTS, FORWARD_WEIGHTS
 
 #: The issue's bars for the shipped recipe.

@@ -2,10 +2,10 @@
 
 Rows: VoxelMorph (L_sim + L_smooth), + L_GAN, + L_GAN + L_cyc; one YAML each in
 experiments/configs/table1/ (the recipe-search protocol: grid 32x48x32, atlas auto, S11-S30
-unlabelled, S31-S40 held out, seed 0, 500 steps). Every row with LT-Net terms runs twice: with
+unlabelled, S31-S40 for validation, seed 0, 500 steps). Every row with LT-Net terms runs twice: with
 the paper's weights (<out>/<row>/) and with the recipe's (--recipe, <out>/recipe/<row>/; the
 terms the row switches off stay off). VoxelMorph and the no-registration floor are shared. Each
-run's G_F segments the held-out subjects (atlas labels warped, Eq. 2); <out>/table1.md, .csv,
+run's G_F segments the validation subjects (atlas labels warped, Eq. 2); <out>/table1.md, .csv,
 _subjects.csv, .png and provenance.json compare the rows with the paper's CANDI numbers.
 
     python experiments/table1_forward_backward.py                 # every row, both weight sets

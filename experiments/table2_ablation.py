@@ -2,10 +2,10 @@
 
 Rows: the baseline (+ L_GAN + L_cyc), + L_trans, + L_anatomy_cyc, + L_trans + L_anatomy_cyc, and
 the full LT-Net (+ L_diff_cyc); one YAML each in experiments/configs/table2/ (the recipe-search
-protocol: grid 32x48x32, atlas auto, S11-S30 unlabelled, S31-S40 held out, seed 0, 500 steps).
+protocol: grid 32x48x32, atlas auto, S11-S30 unlabelled, S31-S40 for validation, seed 0, 500 steps).
 Every row runs twice: with the paper's weights (<out>/<row>/) and with the recipe's (--recipe,
 <out>/recipe/<row>/; the terms the row switches off stay off). Each run is scored on the
-held-out subjects; <out>/table2.md, .csv, _subjects.csv, .png and provenance.json compare the
+validation subjects; <out>/table2.md, .csv, _subjects.csv, .png and provenance.json compare the
 rows with the paper's CANDI numbers and the no-registration floor.
 
     python experiments/table2_ablation.py                         # every row, both weight sets

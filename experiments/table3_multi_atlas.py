@@ -2,8 +2,8 @@
 
 The paper compares with MABMIS (tree-based groupwise registration + iterative groupwise
 segmentation, Jia et al. 2012), which has no maintained implementation. The classical rows here
-are the standard multi-atlas pipeline instead (ltnet_keras.multi_atlas): each atlas registered
-to the held-out scan with ANTs SyN, its labels warped onto the scan's 1 mm grid, and the k
+are the standard multi-atlas pipeline instead (ltnet_keras.baselines.multi_atlas): each atlas registered
+to the validation scan with ANTs SyN, its labels warped onto the scan's 1 mm grid, and the k
 warped label maps fused by joint label fusion (JLF, Wang et al. 2013) or by majority vote, on
 the same registrations. The atlases are the LT-Net run's own atlas, then the next training
 scans by similarity to the pool's average (the ranking that picks the single atlas), so 2, 3,
@@ -26,104 +26,21 @@ re-run, or a run with more atlases, redoes nothing already done.
     python experiments/table3_multi_atlas.py --smoke --out /tmp/smoke/table3
 """
 import dataclasses
-from pathlib import Path
-from typing import List, Optional, Sequence
 
 
-from common import (NO_REGISTRATION, PAPER_NOTE, PAPER_REFERENCE, Row, build_parser,
+from common import (NO_REGISTRATION, PAPER_REFERENCE, build_parser,
                     collect_rows, config_paths, overrides_from_args, parse_runs, parse_set,
                     run_atlas, write_provenance)
-from ltnet_keras import evaluation
-from ltnet_keras.fusion import JointFusionSettings
-from ltnet_keras.multi_atlas import (SMOKE_SYN, SynSettings, ants_multi_atlas, ants_row_name,
+from ltnet_keras.inference.fusion import JointFusionSettings
+from ltnet_keras.baselines.multi_atlas import (SMOKE_SYN, SynSettings, ants_multi_atlas, ants_row_name,
                                      learned_multi_atlas, ranked_atlases)
-from ltnet_keras.records import atomic_write_text, csv_text
+from ltnet_keras.study.multi_atlas_table import Table3Row, write_outputs
 
 TABLE = "table3"
-# --smoke: two held-out scans (SMOKE_OVERRIDES holds out one), so min/max/std mean something.
+# --smoke: two validation scans (SMOKE_OVERRIDES holds out one), so min/max/std mean something.
 SMOKE_HELD_OUT = ["S13", "S14"]
 PAPER_TIMING = ("The paper: MABMIS ~14 min per case with 2 atlases on an Intel Core i3-4150 CPU; "
                 "LT-Net ~4 s per case on a Tesla P40 GPU.")
-
-
-@dataclasses.dataclass
-class Table3Row(Row):
-    """A row with the number of atlases it uses and its mean seconds per case."""
-    atlases: int = 1
-    seconds: Optional[float] = None
-    seconds_by_subject: dict = dataclasses.field(default_factory=dict)
-
-
-def _cells(row: Table3Row) -> List[str]:
-    s = row.summary
-    seconds = "—" if row.seconds is None else f"{row.seconds:.1f}"
-    ours = (["—"] * 4 if s is None else
-            [f"{s['mean']:.1f} ({s['std']:.1f})", f"{s['min']:.1f}", f"{s['max']:.1f}",
-             str(s["n"])])
-    ref = PAPER_REFERENCE[TABLE].get(row.paper) if row.paper else None
-    paper = ([row.paper, f"{ref[0]:.1f} ({ref[1]:.1f})", f"{ref[2]:.1f}", f"{ref[3]:.1f}"]
-             if ref else ["—"] * 4)
-    return [row.label, str(row.atlases), seconds, *ours, *paper]
-
-
-def write_outputs(out: Path, title: str, rows: Sequence[Table3Row], notes: Sequence[str],
-                  structure_rows: Sequence[str]) -> str:
-    """``table3.md`` (paper format + atlases and s/case), ``table3.csv`` (one line per row),
-    ``table3_subjects.csv`` (one line per row and subject) and ``table3_boxplot.png``."""
-    header = ["Method", "Atlases", "s/case", "Mean (std)", "Min", "Max", "n",
-              "Paper row (CANDI)", "Paper Mean (std)", "Paper Min", "Paper Max"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
-    scored = {row.label: row.scores for row in rows if row.label in structure_rows}
-    text = [f"# {title}", "",
-            "Dice (%) on the held-out LPBA40 subjects: each subject's mean over the merged "
-            "(left/right) structures; Mean (std), Min and Max over subjects (std with ddof=0). "
-            "s/case: mean seconds per held-out scan on this machine, one CPU core.", "",
-            *lines, "", f"Note: {PAPER_NOTE}", ""]
-    text += [f"Note: {n}" for n in notes] + [""]
-    text += ["Per structure (mean (std) over subjects):", "", "```",
-             evaluation.format_structure_table(scored), "```", ""]
-    markdown = "\n".join(text)
-    atomic_write_text(out / f"{TABLE}.md", markdown)
-
-    body, per_subject = [], []
-    for row in rows:
-        s = row.summary
-        ref = PAPER_REFERENCE[TABLE].get(row.paper) if row.paper else None
-        body.append([row.label, row.atlases, "" if row.seconds is None else f"{row.seconds:.3f}",
-                     "structure", s["n"],
-                     *[f"{s[k]:.4f}" for k in ("mean", "std", "min", "max")],
-                     row.paper or "", *(list(ref) if ref else [""] * 4), row.note])
-        for subject in row.scores:
-            seconds = row.seconds_by_subject.get(subject.subject)
-            per_subject.append([row.label, row.atlases, subject.subject,
-                                f"{subject.mean_structure:.6f}", f"{subject.mean_label:.6f}",
-                                "" if seconds is None else f"{seconds:.3f}"])
-    atomic_write_text(out / f"{TABLE}.csv", csv_text(
-        ["method", "atlases", "seconds_per_case", "level", "n", "mean", "std", "min", "max",
-         "paper_row", "paper_mean", "paper_std", "paper_min", "paper_max", "note"], body))
-    atomic_write_text(out / f"{TABLE}_subjects.csv", csv_text(
-        ["method", "atlases", "subject", "mean_structure", "mean_label", "seconds"], per_subject))
-    box_plot(out / f"{TABLE}_boxplot.png", rows)
-    return markdown
-
-
-def box_plot(path: Path, rows: Sequence[Table3Row]) -> None:
-    """Per-subject mean Dice (%) of every row, one box each."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(figsize=(9, 4.5), dpi=90)
-    values = [[100 * s.mean_structure for s in row.scores] for row in rows]
-    axes.boxplot(values, whis=(0, 100))
-    axes.set_xticks(range(1, len(rows) + 1))
-    axes.set_xticklabels([row.label for row in rows], rotation=55, ha="right", fontsize=7)
-    axes.set_ylabel("mean Dice over structures (%)")
-    axes.set_title("Table 3 (LPBA40 held-out subjects)", fontsize=9)
-    axes.grid(axis="y", alpha=0.3)
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
 
 
 def main(argv=None):
@@ -178,7 +95,7 @@ def main(argv=None):
                            f"ANTs SyN + majority vote, {k_max} atlases"]
 
     notes = [
-        "Not MABMIS: ANTs SyN registration of each atlas to the held-out scan, then joint label "
+        "Not MABMIS: ANTs SyN registration of each atlas to the validation scan, then joint label "
         "fusion or majority vote of the warped labels (both on the same registrations). "
         f"Registration: {syn.describe()}. JLF: antsJointFusion, patch radius "
         f"{jlf.patch_radius}, search radius {jlf.search_radius}, beta {jlf.beta:g}, rho "
@@ -189,7 +106,7 @@ def main(argv=None):
         "atlas' labels.",
         f"Atlases in order: {', '.join(atlases)} (the LT-Net run's atlas, then the training "
         "scans by similarity to the pool's average); k atlases = the first k.",
-        "s/case: wall-clock seconds per held-out scan on this machine with one thread: for the "
+        "s/case: wall-clock seconds per validation scan on this machine with one thread: for the "
         "ANTs rows the k registrations (resampling, SyN, warping labels and image to 1 mm; "
         "timed when computed, also when read back from the cache) plus the fusion; for LT-Net "
         "its G_F segmentation of the scan (CPU, after one untimed call); for the G_F rows k such "
@@ -198,7 +115,7 @@ def main(argv=None):
         "so the other atlases are outside its training distribution.",
     ]
     title = (f"Table 3: multi-atlas comparison — LT-Net run {run_dir}, atlas "
-             f"{run_atlas(run_dir)}, {len(config.data.val_subjects)} held-out subjects, network "
+             f"{run_atlas(run_dir)}, {len(config.data.val_subjects)} validation subjects, network "
              f"grid {config.data.network_shape}, {config.train.steps} steps")
     markdown = write_outputs(args.out, title, rows, notes, structure_rows)
     write_provenance(args.out, TABLE, configs, overrides, {

@@ -6,7 +6,7 @@ atlas labels without registration, VoxelMorph, DataAug, LT-Net (paper weights), 
 runs/table5): finished rows are read back from their per-subject scores, missing ones are
 trained there first (the same arguments as table5_sota.py: --rows, --runs, --smoke, --set, ...).
 
-Writes in --out: table4.md / table4.csv (mean (std) over the held-out subjects of each merged
+Writes in --out: table4.md / table4.csv (mean (std) over the validation subjects of each merged
 LPBA40 structure, per method; the few structures CANDI also has beside the paper's numbers),
 table4_structures.png (structures on x, one bar per method) and provenance.json.
 
@@ -24,7 +24,7 @@ from ltnet_keras import evaluation
 
 TABLE = "table4"
 BARS = "table4_structures.png"
-NOTE = ("Rows are Table 5's (same runs, same held-out subjects); see table5.md for how DataAug "
+NOTE = ("Rows are Table 5's (same runs, same validation subjects); see table5.md for how DataAug "
         "and the U-Net upper bound are made.")
 
 
@@ -77,7 +77,7 @@ def main(argv=None):
     paper_rows = {table5_sota.LABELS[r][0]: table5_sota.LABELS[r][1] for r in result.rows}
     grid = next(iter(result.configs.values())).data.network_shape
     title = (f"Table 4: Dice per structure — atlas {result.atlas}, {len(result.baseline)} "
-             f"held-out subjects, network grid {grid}")
+             f"validation subjects, network grid {grid}")
     markdown = write_structure_table(out, TABLE, title, results, paper_rows, [NOTE])
     bar_chart(results, out / BARS, title)
     write_provenance(out, TABLE, result.configs, result.overrides, {

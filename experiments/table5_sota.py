@@ -8,12 +8,12 @@ Rows, in the paper's order:
   --runs voxelmorph=DIR ltnet=DIR ltnet_tuned=DIR, whose files segmentation needs
   (forward_generator.h5, config.yaml, atlas.json, history.csv, results.md, ...; no checkpoints)
   are copied to <out>/<row>/ so that `ltnet segment --run <out>/<row>` works on them;
-* DataAug (Zhao et al., CVPR 2019; ltnet_keras.dataaug): the segmentation U-Net trained on
+* DataAug (Zhao et al., CVPR 2019; ltnet_keras.baselines.dataaug): the segmentation U-Net trained on
   volumes synthesised from the atlas alone, with <out>/voxelmorph/ as its spatial model;
-* U-Net (upper bound; ltnet_keras.segnet): the same U-Net trained on the labels of every
+* U-Net (upper bound; ltnet_keras.baselines.segnet): the same U-Net trained on the labels of every
   training scan.
 
-Every row is scored on the held-out subjects' own full-resolution grids. Writes in <out>:
+Every row is scored on the validation subjects' own full-resolution grids. Writes in <out>:
 table5.md / table5.csv (mean (std), min, max over subjects next to the paper's CANDI numbers),
 table5_subjects.csv (per subject and row), table5.png (box plot), provenance.json. Finished rows
 are read back, not redone; an interrupted row resumes from its last checkpoint.
@@ -23,19 +23,16 @@ are read back, not redone; an interrupted row resumes from its last checkpoint.
     python experiments/table5_sota.py --smoke --out /tmp/smoke/table5
 """
 import json
-import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
-
-import numpy as np
 
 from common import (CONFIG_DIR, NO_REGISTRATION, TABLE_ROWS, Row, baseline_scores, build_parser,
                     overrides_from_args, parse_set, run_atlas, score_existing_run,
                     train_and_score, write_provenance, write_table)
 from ltnet_keras import evaluation
 from ltnet_keras.config import load_config
-from ltnet_keras.records import atomic_write_text, csv_text
+from ltnet_keras.study.sota_table import NOTES, SUBJECTS_CSV, Table5Result, subjects_csv  # noqa: F401
+from ltnet_keras.study.table_run import INSTALLED, install_run
 
 TABLE = "table5"
 # Row key -> (label in our table, the paper's row).
@@ -45,28 +42,10 @@ SEGNET_ROWS = {row: LABELS[row] for row in ("dataaug", "unet")}
 REGISTRATION_ROWS = {row: label for row, label in LABELS.items() if row not in SEGNET_ROWS}
 # DataAug's spatial model is the VoxelMorph row.
 SPATIAL_ROW = "voxelmorph"
-# What a registration run directory needs for `ltnet segment` and the table (no checkpoints).
-RUN_FILES = ("forward_generator.h5", "config.yaml", "atlas.json", "environment.json",
-             "history.csv", "results.md", "summary.csv", "loss_curve.png",
-             "backward_generator.h5")
-INSTALLED = "installed_from.json"
-SUBJECTS_CSV = "table5_subjects.csv"
 FLOOR_CSV = "scores_no_registration.csv"
 # --smoke for the U-Net rows (besides the registration rows' tiny grid and subjects).
 SEGNET_SMOKE = {"train.steps": 10, "train.checkpoint_every": 10,
                 "dataaug.appearance.steps": 10, "dataaug.appearance.checkpoint_every": 10}
-NOTES = [
-    "DataAug (Zhao et al., CVPR 2019) is ours (ltnet_keras.dataaug): spatial model = the "
-    "VoxelMorph row's G_F; appearance model = a U-Net giving an additive intensity change in "
-    "atlas space, trained through the forward warp (the paper uses an inverse spatial model "
-    "instead); synthetic volumes drawn afresh each step; only the atlas' labels are read. Its "
-    "segmenter is the same 3D U-Net as the upper bound.",
-    "U-Net (upper bound) is trained on the manual labels of every training scan (20 here, 83 in "
-    "the paper). Both U-Net rows run on the registration rows' network grid and their "
-    "probabilities are interpolated linearly to each scan's grid before the arg-max.",
-    "LT-Net (paper weights) uses Eq. (11)'s weights; LT-Net (recipe) the weights and penalties "
-    "of experiments/configs/table5/ltnet_tuned.yaml. Both are beside the paper's LT-Net row.",
-]
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -125,31 +104,6 @@ def segnet_overrides(args, registration_overrides: dict) -> dict:
 
 # ----------------------------------------------------------------------------- registration rows
 
-def install_run(source: Path, destination: Path) -> Path:
-    """Copy what segmentation and the table need of a finished run to ``destination`` (no
-    checkpoints); a destination holding other weights is refused, not overwritten."""
-    from ltnet_keras.segnet import file_digest
-    source, destination = Path(source), Path(destination)
-    weights = source / RUN_FILES[0]
-    if not weights.exists() or not (source / "config.yaml").exists():
-        raise SystemExit(f"{source}: not a finished run (no {RUN_FILES[0]} or config.yaml)")
-    digest = file_digest(weights)
-    if (destination / RUN_FILES[0]).exists():
-        if file_digest(destination / RUN_FILES[0]) != digest:
-            raise SystemExit(f"{destination} holds another run than {source}; remove it or "
-                             "choose another --out")
-        if source.resolve() == destination.resolve():
-            return destination
-    destination.mkdir(parents=True, exist_ok=True)
-    if source.resolve() != destination.resolve():
-        for path in [source / name for name in RUN_FILES] + sorted(source.glob("scores_*.csv")):
-            if path.exists():
-                shutil.copy2(path, destination / path.name)
-    atomic_write_text(destination / INSTALLED, json.dumps(
-        {"source": str(source.resolve()), "forward_generator_sha256": digest}, indent=2))
-    return destination
-
-
 def registration_row(row: str, out: Path, overrides: dict, runs: Dict[str, Path], verbose: int):
     """(config, scores) of one registration row: a given run (installed in ``out/row``), a run
     installed there before, or one trained there."""
@@ -164,29 +118,10 @@ def registration_row(row: str, out: Path, overrides: dict, runs: Dict[str, Path]
 
 # ----------------------------------------------------------------------------- the table
 
-@dataclass
-class Table5Result:
-    out: Path
-    rows: List[str]
-    configs: Dict[str, object]
-    run_dirs: Dict[str, Path]
-    scores: Dict[str, List[evaluation.SubjectScores]]
-    baseline: List[evaluation.SubjectScores]
-    atlas: str
-    overrides: dict
-    segnet_overrides: dict
-
-    def labelled(self) -> Dict[str, List[evaluation.SubjectScores]]:
-        """Our label -> scores, the floor first, then the rows in the paper's order."""
-        results = {NO_REGISTRATION: self.baseline}
-        results.update({LABELS[row][0]: self.scores[row] for row in self.rows})
-        return results
-
-
 def collect(args) -> Table5Result:
     """Every requested row (trained, resumed, or read back) and the floor, in ``args.out``."""
-    from ltnet_keras.segnet import run_segnet_experiment
-    from ltnet_keras.segnet_config import load_segnet_config
+    from ltnet_keras.baselines.segnet import run_segnet_experiment
+    from ltnet_keras.baselines.segnet_config import load_segnet_config
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = requested_rows(args)
@@ -212,7 +147,7 @@ def collect(args) -> Table5Result:
     atlases = {r: run_atlas(run_dirs[r]) for r in registration}
     held_out = {r: list(c.data.val_subjects) for r, c in configs.items()}
     if len(set(atlases.values())) > 1 or len({tuple(v) for v in held_out.values()}) > 1:
-        print(f"WARNING: rows differ in atlas {atlases} or held-out subjects {held_out}")
+        print(f"WARNING: rows differ in atlas {atlases} or validation subjects {held_out}")
     if registration:
         floor_config, atlas = configs[registration[0]], atlases[registration[0]]
     else:
@@ -222,27 +157,7 @@ def collect(args) -> Table5Result:
     baseline = baseline_scores(floor_config, atlas)
     evaluation.write_scores_csv(baseline, out / FLOOR_CSV)
     return Table5Result(out, rows, configs, run_dirs, scores, baseline, atlas, overrides,
-                        seg_overrides)
-
-
-def subjects_csv(result: Table5Result) -> Path:
-    """One line per (row, subject): mean Dice over structures and labels, then each structure."""
-    results = result.labelled()
-    keys = {NO_REGISTRATION: "no_registration", **{LABELS[r][0]: r for r in result.rows}}
-    structures: List[str] = []
-    for scores in results.values():
-        for s in scores:
-            structures += [name for name in s.structures if name not in structures]
-    body = []
-    for label, scores in results.items():
-        for s in scores:
-            body.append([keys[label], label, s.subject, f"{100 * s.mean_structure:.4f}",
-                         f"{100 * s.mean_label:.4f}"]
-                        + [f"{100 * s.structures.get(n, np.nan):.4f}" for n in structures])
-    path = result.out / SUBJECTS_CSV
-    atomic_write_text(path, csv_text(["row", "method", "subject", "mean_structure",
-                                      "mean_label"] + structures, body))
-    return path
+                        seg_overrides, LABELS)
 
 
 def write_outputs(result: Table5Result) -> str:
@@ -251,7 +166,7 @@ def write_outputs(result: Table5Result) -> str:
     steps = {r: c.train.steps for r, c in result.configs.items()}
     grid = next(iter(result.configs.values())).data.network_shape
     title = (f"Table 5: comparison with other methods — atlas {result.atlas}, "
-             f"{len(result.baseline)} held-out subjects, network grid {grid}, steps {steps}")
+             f"{len(result.baseline)} validation subjects, network grid {grid}, steps {steps}")
     markdown = write_table(result.out, TABLE, title, rows, NOTES)
     subjects_csv(result)
     installed = {r: json.loads((d / INSTALLED).read_text())["source"]

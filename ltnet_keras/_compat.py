@@ -6,10 +6,16 @@
 * neurite 0.2 calls ``inspect.getargspec``, which Python 3.11 removed.
 * ``TF_ENABLE_ONEDNN_OPTS=1``: the pinned TensorFlow CPU build leaves oneDNN off, and its own
   Conv3D filter gradients are 10-100x slower (measured by ``benchmarks/speed.py``).
+* The ``ltnet`` command starts TensorFlow through :func:`start_tensorflow_quietly`, so its C++
+  start-up log (oneDNN notice, CUDA probe, absl preamble) stays out of the user's terminal.
 """
+import contextlib
 import inspect
 import os
+import re
 import sys
+import tempfile
+import warnings
 
 
 def require_legacy_keras():
@@ -40,3 +46,70 @@ def install_getargspec_shim():
         inspect.ArgSpec = namedtuple("ArgSpec", "args varargs keywords defaults")
     if not hasattr(inspect, "getargspec"):
         inspect.getargspec = _getargspec
+
+
+#: Lines TensorFlow's C++ runtime and absl write to stderr while TensorFlow loads and finds
+#: its devices: the oneDNN notice, "Could not find cuda drivers", the cuInit failure on a
+#: machine without a GPU, CPU-feature notes. None of them is about the user's data.
+_STARTUP_NOISE = re.compile(
+    r"^([IW]\d{4} \d\d:\d\d:\d\d"              # absl INFO/WARNING lines (I0000 ..., W0000 ...)
+    r"|E\d{4} .*(cuInit|cuda|CUDA|TensorRT)"   # the GPU probe failing on a CPU machine
+    r"|WARNING: All log messages before absl::InitializeLog"
+    r"|To enable the following instructions:"
+    r"|.*oneDNN custom operations are on)")
+
+#: Python warnings raised inside these packages are about their own internals (deprecations
+#: between TensorFlow, Keras and neurite versions), not about anything a user can change.
+_THIRD_PARTY_WARNINGS = r"(tensorflow|tf_keras|keras|neurite|voxelmorph|absl|h5py|ants|google)"
+
+
+def set_tensorflow_log_level(level: str = "2"):
+    """``TF_CPP_MIN_LOG_LEVEL`` for TensorFlow's C++ log (2: errors only), unless the user set
+    one; no effect once TensorFlow is loaded."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", level)
+
+
+@contextlib.contextmanager
+def native_stderr_filtered(noise=_STARTUP_NOISE):
+    """Run the block with the process' stderr (file descriptor 2, where C++ writes) captured;
+    afterwards every captured line that is not start-up ``noise`` is written to stderr, so an
+    error raised in the block still reaches the user. Set ``LTNET_TF_LOG=1`` to see it all."""
+    if os.environ.get("LTNET_TF_LOG") == "1":
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            kept = [line for line in sink.read().decode(errors="replace").splitlines()
+                    if line.strip() and not noise.match(line)]
+            if kept:
+                sys.stderr.write("\n".join(kept) + "\n")
+                sys.stderr.flush()
+
+
+def start_tensorflow_quietly():
+    """Import TensorFlow and let it find its devices with the start-up noise filtered out, and
+    keep TensorFlow's, absl's and third-party Python warnings out of the terminal: a command
+    line user sees progress, results and real errors. Returns the ``tensorflow`` module."""
+    set_tensorflow_log_level()
+    warnings.filterwarnings("ignore", module=_THIRD_PARTY_WARNINGS)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    with native_stderr_filtered():
+        import tensorflow as tf
+        tf.config.list_physical_devices()
+    tf.get_logger().setLevel("ERROR")
+    try:
+        from absl import logging as absl_logging
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except ImportError:  # absl comes with TensorFlow; without it there is nothing to quiet
+        pass
+    return tf

@@ -4,6 +4,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from ltnet_keras._compat import set_tensorflow_log_level, start_tensorflow_quietly
 from ltnet_keras.config import (ALIGN_MODES, PRESETS, SEGMENT_INTERPOLATIONS, DataConfig,
                                 apply_overrides, config_from_dict, default_data_root, load_config)
 from ltnet_keras.data.errors import VolumeError
@@ -39,7 +40,7 @@ def cmd_prepare(args):
 
 
 def cmd_select_atlas(args):
-    from ltnet_keras.atlas import select_atlas
+    from ltnet_keras.data.atlas import select_atlas
     from ltnet_keras.data.dataset import check_subject_files, subject_files
     from ltnet_keras.data.labels import LabelTable
     data = DataConfig(root=str(args.data or default_data_root()))
@@ -81,7 +82,7 @@ def cmd_train(args):
 def cmd_segment(args):
     from tqdm import tqdm
 
-    from ltnet_keras.segment import Segmenter, plan_output_paths
+    from ltnet_keras.inference.segment import Segmenter, plan_output_paths
     extras = [key for key, wanted in (("warped_atlas", args.save_warped_atlas),
                                       ("forward_field", args.save_field),
                                       ("aligned", args.save_aligned),
@@ -169,6 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: The commands that run networks; they start TensorFlow first, with its start-up log filtered.
+USES_TENSORFLOW = (cmd_train, cmd_segment)
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
 
@@ -176,9 +181,12 @@ def main(argv=None) -> int:
         # One line, like errors: the default format quotes the source line that warned.
         print(f"ltnet {args.command}: warning: {message}", file=sys.stderr)
 
+    set_tensorflow_log_level()
     with warnings.catch_warnings():
         warnings.showwarning = print_warning
         try:
+            if args.func in USES_TENSORFLOW:
+                start_tensorflow_quietly()
             args.func(args)
         except (VolumeError, ValueError, FileNotFoundError) as error:
             print(f"ltnet {args.command}: error: {error}", file=sys.stderr)

@@ -377,3 +377,20 @@ def evaluate_folders(pred, truth, table, strict=False,
                                     _known_labels(truth_map, table, unknown_labels),
                                     table, subject))
     return scores
+
+
+def report(run_dir, results: Dict[str, List[SubjectScores]], title: str) -> str:
+    """Write per-subject CSVs, ``summary.csv`` and ``results.md``; return the Markdown."""
+    run_dir = Path(run_dir)
+    summaries = {}
+    for method, scores in results.items():
+        write_scores_csv(scores, run_dir / f"scores_{method}.csv")
+        summaries[method] = summarise(scores)
+    write_summary_csv(summaries, run_dir / "summary.csv")
+    text = "\n".join([
+        f"# {title}", "",
+        "Mean Dice (%) over merged left/right structures per subject; mean (std), min, max over "
+        "subjects.", "", "```", format_summary_table(summaries), "```", "",
+        "Per structure:", "", "```", format_structure_table(results), "```", ""])
+    atomic_write_text(run_dir / "results.md", text)
+    return text

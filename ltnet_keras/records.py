@@ -1,5 +1,6 @@
 """Writing result records: atomic text files, CSV text, and the versions behind a result."""
 import csv
+import hashlib
 import io
 import json
 import os
@@ -63,3 +64,43 @@ def read_keyed_record(path, key) -> Optional[dict]:
     except json.JSONDecodeError:
         return None
     return record if record.get("key") == key else None
+
+
+def shown_path(path, root=None) -> str:
+    """``path`` relative to ``root`` (default: the working folder) when it lies inside it, else
+    as given: how a record or a note names a file without the machine's absolute prefix."""
+    path = Path(path)
+    root = Path(root) if root is not None else Path.cwd()
+    resolved = path.resolve()
+    if resolved.is_relative_to(root.resolve()):
+        return str(resolved.relative_to(root.resolve()))
+    return str(path)
+
+
+def without_machine_paths(value, roots):
+    """``value`` (JSON-like: dicts, lists, strings) with every string path under one of
+    ``roots`` made relative to it: a committed record then names ``images/S13.nii.gz`` (under
+    the data root) or ``runs/table1/gan`` (under the repository), not this machine's layout."""
+    prefixes = sorted({str(Path(r).resolve()).rstrip("/") + "/" for r in roots if r}, key=len,
+                      reverse=True)
+
+    def clean(item):
+        if isinstance(item, dict):
+            return {key: clean(v) for key, v in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [clean(v) for v in item]
+        if isinstance(item, str):
+            for prefix in prefixes:
+                if item.startswith(prefix):
+                    return item[len(prefix):]
+        return item
+    return clean(value)
+
+
+def file_digest(path) -> str:
+    """SHA-256 of a file (which weights a result was made from)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

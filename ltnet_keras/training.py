@@ -3,7 +3,7 @@
 A run directory holds ``config.yaml``, ``environment.json`` (versions, devices, seed),
 ``atlas.json`` (atlas, label table, grid), ``checkpoints/``, ``logs/`` (TensorBoard),
 ``history.csv`` (one row per ``log_every`` steps), ``loss_curve.png``, with
-``data.align: affine`` ``aligned/`` (the pool and held-out scans aligned to the atlas, and the
+``data.align: affine`` ``aligned/`` (the pool and validation scans aligned to the atlas, and the
 alignments) and, at the end, ``forward_generator.h5`` (all that segmentation needs) and, for
 objectives with a backward path, ``backward_generator.h5`` (G_B: the reconstructed atlas of
 Fig. 3).
@@ -24,7 +24,7 @@ from ltnet_keras.config import (ExperimentConfig, check_resume_config, config_to
                                 save_config)
 from ltnet_keras.data.dataset import TrainingData, load_training_data, training_dataset
 from ltnet_keras.models.ltnet import LTNet
-from ltnet_keras.records import atomic_write_text, package_versions
+from ltnet_keras.records import atomic_write_text, package_versions, shown_path
 
 FORWARD_WEIGHTS = "forward_generator.h5"
 BACKWARD_WEIGHTS = "backward_generator.h5"
@@ -320,9 +320,13 @@ def train(config: ExperimentConfig, run_dir, strategy=None, verbose: int = 1,
     run_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, run_dir / "config.yaml")
     _write_json(run_dir / "environment.json", environment_record(config, strategy))
+    root = config.data.resolved_root()
     _write_json(atlas_record, {
-        "atlas": data.atlas.subject, "image": data.atlas.image_path,
-        "labels": data.atlas.label_path, "labels_tsv": str(config.data.resolved_labels_tsv()),
+        "atlas": data.atlas.subject,
+        # Relative to data.root (where under it), so no machine's path is pinned in the record.
+        "image": shown_path(data.atlas.image_path, root),
+        "labels": shown_path(data.atlas.label_path, root),
+        "labels_tsv": shown_path(config.data.resolved_labels_tsv(), root),
         "label_ids": [int(i) for i in data.table.ids], "grid": data.atlas.grid.to_dict(),
         "targets": [t.subject for t in data.targets]})
 

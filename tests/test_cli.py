@@ -173,3 +173,27 @@ def test_unknown_preset_is_an_argparse_error(tmp_path, capsys):
         cli.main(["train", "--preset", "cyclegan", "--out", str(tmp_path / "run")])
     assert error.value.code == 2
     assert "ltnet" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_segment_from_a_fresh_shell_prints_no_tensorflow_log(lpba40_root, tmp_path):
+    """`ltnet segment` with no TF_CPP_MIN_LOG_LEVEL in the environment: the user sees the
+    result line, not TensorFlow's C++ start-up log (oneDNN notice, CUDA probe, absl lines)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+    run = Path(__file__).resolve().parents[1] / "results" / "recipe" / "voxelmorph"
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "LTNET_TF_LOG")}
+    done = subprocess.run([sys.executable, "-m", "ltnet_keras.cli", "segment", "--run", str(run),
+                           "--align", "none", "--image", str(lpba40_root / "images" / "S31.nii.gz"),
+                           "--out", str(tmp_path / "seg")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    printed = (done.stdout + done.stderr).splitlines()
+    noise = [line for line in printed if re.match(r"^[IWE]\d{4} ", line)
+             or re.search(r"oneDNN|cuInit|cuda|absl::InitializeLog", line)]
+    assert noise == [], noise
+    assert any("S31.nii.gz ->" in line for line in printed), printed
+    assert (tmp_path / "seg" / "S31.nii.gz").exists()

@@ -91,3 +91,36 @@ def test_require_legacy_keras_sets_the_variable_before_tensorflow(monkeypatch):
     monkeypatch.delenv("TF_USE_LEGACY_KERAS")
     _compat.require_legacy_keras()
     assert os.environ["TF_USE_LEGACY_KERAS"] == "1"
+
+
+def test_native_stderr_filter_drops_startup_noise_and_keeps_real_lines(capfd):
+    """What C++ writes to file descriptor 2 inside the block: TensorFlow's start-up lines are
+    dropped, anything else (a real error) still reaches the terminal, and stderr works after."""
+    with _compat.native_stderr_filtered():
+        for line in ("I0000 00:00:1796401412.842004    3839 port.cc:153] oneDNN custom operations "
+                     "are on.",
+                     "W0000 00:00:1796401413.1    1 cudart_stub.cc:31] Could not find cuda drivers",
+                     "E0000 00:00:1796401414.6    1 cuda_platform.cc:52] failed call to cuInit: (303)",
+                     "WARNING: All log messages before absl::InitializeLog() is called are "
+                     "written to STDERR",
+                     "Fatal: something real went wrong"):
+            os.write(2, (line + "\n").encode())
+    os.write(2, b"after the block\n")
+    err = capfd.readouterr().err
+    assert err.splitlines() == ["Fatal: something real went wrong", "after the block"]
+
+
+def test_native_stderr_filter_passes_everything_through_when_asked(capfd, monkeypatch):
+    monkeypatch.setenv("LTNET_TF_LOG", "1")
+    with _compat.native_stderr_filtered():
+        os.write(2, b"I0000 00:00:1.0    1 port.cc:153] oneDNN custom operations are on.\n")
+    assert "oneDNN" in capfd.readouterr().err
+
+
+def test_tensorflow_log_level_respects_the_users_value(monkeypatch):
+    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
+    _compat.set_tensorflow_log_level()
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0"
+    monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL")
+    _compat.set_tensorflow_log_level()
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "2"

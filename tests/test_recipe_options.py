@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ltnet_keras import evaluation, losses, search
+from ltnet_keras import evaluation
+from ltnet_keras.losses import equations as losses
+from ltnet_keras.study import search
 from ltnet_keras.config import ExperimentConfig, PenaltyConfig, apply_preset, config_from_dict
 from ltnet_keras.models.ltnet import gradient_gate
 from ltnet_keras.training import EveryNthStep, build_model, train

@@ -237,7 +237,7 @@ def test_killed_cli_run_resumes(lpba40_root, tmp_path):
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path_factory,
                                                                   lpba40_root, tmp_path,
                                                                   monkeypatch):
-    from ltnet_keras import losses
+    from ltnet_keras.losses import equations as losses
     run = copy_run(small_run(tmp_path_factory, lpba40_root), tmp_path)
     weights_before = (run / FORWARD_WEIGHTS).read_bytes()
     original = losses.similarity_loss

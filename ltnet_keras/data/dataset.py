@@ -89,7 +89,7 @@ def prepare_aligned_subjects(config: DataConfig, subjects: Sequence[str], atlas_
     """:func:`prepare_subjects` (without labels) for scans registered affinely to the atlas
     first and resampled onto its grid (``data.align: affine``); with ``cache_dir`` every scan
     is aligned once and read back from there afterwards (e.g. when a run resumes)."""
-    from ltnet_keras.align import AlignmentCache, register_affine, to_atlas_space
+    from ltnet_keras.data.align import AlignmentCache, register_affine, to_atlas_space
     cache = None if cache_dir is None else AlignmentCache(cache_dir)
     prepared = []
     for files in subject_files(config, subjects):
@@ -106,7 +106,7 @@ def resolve_atlas(config: DataConfig) -> str:
     """``config.atlas``, or for ``"auto"`` the training scan closest to the pool's average."""
     if config.atlas != "auto":
         return config.atlas
-    from ltnet_keras.atlas import select_atlas
+    from ltnet_keras.data.atlas import select_atlas
     files = subject_files(config, config.train_subjects)
     return select_atlas({f.id: f.image for f in files}, measure="ncc", factor=2).subject
 

@@ -10,7 +10,7 @@ from typing import Tuple
 
 import numpy as np
 
-from ltnet_keras.align import resample_volume
+from ltnet_keras.data.align import resample_volume
 from ltnet_keras.data.io import Volume
 
 __all__ = ["HeadMove", "random_move", "conformed_grid", "move_volume"]

@@ -7,7 +7,8 @@ from typing import Dict
 
 import tensorflow as tf
 
-from ltnet_keras import fused_losses, losses
+from ltnet_keras.losses import fused as fused_losses
+from ltnet_keras.losses import equations as losses
 from ltnet_keras.config import LossWeights, NetworkConfig, PenaltyConfig, TrainConfig
 from ltnet_keras.models.discriminator import make_patchgan
 from ltnet_keras.models import trilinear

@@ -8,25 +8,20 @@ every label id; Ronneberger et al., MICCAI 2015). It runs on the registration ru
 
 At test time its probabilities are interpolated linearly from the network grid's block centres
 to every voxel of the scan's own grid and the most probable label is taken there, as
-:mod:`ltnet_keras.segment` interpolates the warped atlas' one-hot labels and takes the arg-max
+:mod:`ltnet_keras.inference.segment` interpolates the warped atlas' one-hot labels and takes the arg-max
 (its ``linear`` label transfer), so both kinds of method are scored on the same full-resolution
 grid by :mod:`ltnet_keras.evaluation`.
 
-A run directory holds ``config.yaml`` (a :class:`~ltnet_keras.segnet_config.SegNetConfig`),
+A run directory holds ``config.yaml`` (a :class:`~ltnet_keras.baselines.segnet_config.SegNetConfig`),
 ``environment.json``, ``segnet.json`` (label ids, grid, which subjects' labels were used),
 ``checkpoints/``, ``history.csv``, ``loss_curve.png``, at the end ``segnet.h5``, and once scored
 ``segmentations/``, ``scores_segnet.csv``, ``summary.csv`` and ``results.md``.
 """
-import csv
-import hashlib
 import json
-import math
-import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -39,9 +34,13 @@ from ltnet_keras.data.io import load_image, load_label_map, output_suffix, save_
     subject_id
 from ltnet_keras.data.labels import LabelTable
 from ltnet_keras.data.preprocess import GridSpec
-from ltnet_keras.records import atomic_write_text, package_versions
-from ltnet_keras.segnet_config import (SegNetConfig, SegNetNetworkConfig, load_segnet_config,
-                                       save_segnet_config, segnet_config_to_dict)
+from ltnet_keras.records import atomic_write_text
+from ltnet_keras.baselines import dataaug
+from ltnet_keras.baselines.segnet_config import (SegNetConfig, SegNetNetworkConfig,
+                                                 load_segnet_config, save_segnet_config,
+                                                 segnet_config_to_dict)
+from ltnet_keras.baselines.unet import (build_unet, draw_rng, environment_record,  # noqa: F401
+                                        file_digest, segmentation_loss_terms, train_loop)
 
 SEGNET_WEIGHTS = "segnet.h5"
 RUN_RECORD = "segnet.json"
@@ -51,16 +50,6 @@ SEGMENTATIONS_DIR = "segmentations"
 # grid: (slab, y, z, channels) float32 arrays, ~50 MB at the peak for 57 channels and a
 # 128x192x128 crop (measured with tracemalloc; 8 planes take ~160 MB and no less time).
 PREDICTION_SLAB = 2
-
-
-# ----------------------------------------------------------------------------- network
-
-def build_unet(inshape, in_channels: int, enc_features, dec_features, name: str):
-    """voxelmorph 0.2's U-Net on ``inshape + (in_channels,)``: its last decoder features."""
-    import voxelmorph as vxm
-    return vxm.networks.Unet(inshape=tuple(int(s) for s in inshape) + (int(in_channels),),
-                             nb_features=[list(enc_features), list(dec_features)],
-                             name=f"{name}_unet")
 
 
 def build_segnet(inshape, n_channels: int, network: Optional[SegNetNetworkConfig] = None,
@@ -73,51 +62,6 @@ def build_segnet(inshape, n_channels: int, network: Optional[SegNetNetworkConfig
     logits = tf.keras.layers.Conv3D(int(n_channels), 1, name=f"{name}_logits")(unet.output)
     probabilities = tf.keras.layers.Softmax(name=f"{name}_probabilities")(logits)
     return tf.keras.Model(unet.inputs, probabilities, name=name)
-
-
-# ----------------------------------------------------------------------------- loss
-
-def soft_dice_loss(y_true, y_pred, smooth: float = 1.0):
-    """``1 - mean_c (2 sum_v y p + s) / (sum_v y + sum_v p + s)`` per example.
-
-    The soft Dice of V-Net (Milletari et al., 3DV 2016) with plain (not squared) sums, averaged
-    over every channel including background; ``s`` (in voxels) keeps a channel absent from
-    both maps at Dice 1. ``y_true``, ``y_pred``: ``(batch, x, y, z, C)``; returns ``(batch,)``.
-    """
-    import tensorflow as tf
-    y_true = tf.cast(y_true, tf.float32)
-    y_pred = tf.cast(y_pred, tf.float32)
-    axes = [1, 2, 3]
-    overlap = tf.reduce_sum(y_true * y_pred, axes)
-    sizes = tf.reduce_sum(y_true, axes) + tf.reduce_sum(y_pred, axes)
-    dice = (2.0 * overlap + smooth) / (sizes + smooth)
-    return 1.0 - tf.reduce_mean(dice, -1)
-
-
-def cross_entropy_loss(y_true, y_pred, eps: float = 1e-7):
-    """Mean over voxels of ``-sum_c y log p`` (``p`` clipped to ``[eps, 1]``); ``(batch,)``."""
-    import tensorflow as tf
-    y_true = tf.cast(y_true, tf.float32)
-    y_pred = tf.clip_by_value(tf.cast(y_pred, tf.float32), eps, 1.0)
-    return tf.reduce_mean(-tf.reduce_sum(y_true * tf.math.log(y_pred), -1), [1, 2, 3])
-
-
-def segmentation_loss_terms(y_true, y_pred, dice_weight: float = 1.0,
-                            cross_entropy_weight: float = 1.0) -> Dict[str, object]:
-    """``{"dice", "cross_entropy", "total"}``, each ``(batch,)``; total is the weighted sum."""
-    dice = soft_dice_loss(y_true, y_pred)
-    cross_entropy = cross_entropy_loss(y_true, y_pred)
-    return {"total": dice_weight * dice + cross_entropy_weight * cross_entropy,
-            "dice": dice, "cross_entropy": cross_entropy}
-
-
-# ----------------------------------------------------------------------------- training data
-
-def draw_rng(seed: int, step: int, stream: int = 0) -> np.random.Generator:
-    """The random draws of one step: a pure function of (seed, stream, step), so a resumed run
-    sees exactly the volumes the uninterrupted run would have seen (``stream`` keeps the draws
-    of different trainings of one run apart)."""
-    return np.random.default_rng([int(seed), int(stream), int(step)])
 
 
 @dataclass
@@ -158,109 +102,6 @@ def load_labelled_volumes(config: SegNetConfig, table: LabelTable,
         table.n_channels, [p.subject for p in prepared])
 
 
-# ----------------------------------------------------------------------------- training loop
-
-@dataclass
-class LoopResult:
-    steps_done: int
-    resumed_from: int
-    seconds_per_step: float = float("nan")
-
-
-def _append_history(path: Path, row: dict) -> None:
-    new_file = not path.exists()
-    with open(path, "a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(row))
-        if new_file:
-            writer.writeheader()
-        writer.writerow(row)
-
-
-def train_loop(model, optimizer, loss_fn: Callable, next_batch: Callable[[int], tuple],
-               run_dir, steps: int, log_every: int, checkpoint_every: int,
-               weights_name: str, verbose: int = 1, label: str = "") -> LoopResult:
-    """Adam steps ``[start, steps)`` of ``model`` with checkpoints and resume.
-
-    ``loss_fn(model, *batch)`` returns per-example ``(batch,)`` terms including ``"total"``
-    (the minimised mean); ``next_batch(step)`` gives the numpy batch of a step (a pure function
-    of the step, so a resumed run continues the same sequence). Every ``log_every`` steps the
-    block's mean of each term is appended to ``run_dir/history.csv``; checkpoints (model and
-    optimiser, the step count is the optimiser's) go to ``run_dir/checkpoints/`` every
-    ``checkpoint_every`` steps and at the end, and the final weights to
-    ``run_dir/weights_name``. A non-finite loss stops the run before it is checkpointed
-    (:class:`ltnet_keras.training.NonFiniteLossError`).
-    """
-    import tensorflow as tf
-
-    from ltnet_keras.training import NonFiniteLossError, _truncate_history, plot_history
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    optimizer.build(model.trainable_variables)
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer)
-    manager = tf.train.CheckpointManager(checkpoint, run_dir / "checkpoints", max_to_keep=2)
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-    start = int(optimizer.iterations.numpy())
-    history = run_dir / "history.csv"
-    weights = run_dir / weights_name
-    _truncate_history(history, start)
-    if start >= steps and weights.exists():
-        return LoopResult(start, start)
-
-    @tf.function(reduce_retracing=True)
-    def train_step(*batch):
-        with tf.GradientTape() as tape:
-            terms = loss_fn(model, *batch)
-            total = tf.reduce_mean(terms["total"])
-        variables = model.trainable_variables
-        optimizer.apply_gradients(zip(tape.gradient(total, variables), variables))
-        return {name: tf.reduce_mean(value) for name, value in terms.items()}
-
-    sums: Dict[str, float] = {}
-    clock = time.perf_counter()
-    for step in range(start, steps):
-        values = {k: float(v) for k, v in train_step(*next_batch(step)).items()}
-        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
-        if bad:
-            raise NonFiniteLossError(f"{label or run_dir}: non-finite loss at step {step + 1}: "
-                                     f"{bad}; the last good checkpoint is "
-                                     f"{manager.latest_checkpoint}")
-        for name, value in values.items():
-            sums[name] = sums.get(name, 0.0) + value
-        done = step + 1
-        if done % log_every == 0:
-            row = {"step": done, **{k: v / log_every for k, v in sums.items()}}
-            _append_history(history, row)
-            sums = {}
-            if verbose:
-                terms = ", ".join(f"{k} {v:.4f}" for k, v in row.items() if k != "step")
-                print(f"[{label or run_dir.name}] step {done}/{steps}: {terms}", flush=True)
-        if done % checkpoint_every == 0 or done == steps:
-            manager.save(checkpoint_number=done)
-    seconds = (time.perf_counter() - clock) / max(steps - start, 1)
-    tmp = run_dir / f"{Path(weights_name).stem}.tmp.h5"
-    model.save_weights(str(tmp))
-    os.replace(tmp, weights)
-    plot_history(history, run_dir / "loss_curve.png")
-    return LoopResult(int(optimizer.iterations.numpy()), start, seconds)
-
-
-# ----------------------------------------------------------------------------- a run
-
-def environment_record(seed: int) -> dict:
-    return {"packages": package_versions(), "platform": platform.platform(), "seed": seed,
-            "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
-
-
-def file_digest(path) -> str:
-    """SHA-256 of a file (which weights a result was made from)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass
 class SegNetTrainResult:
     run_dir: Path
@@ -275,8 +116,7 @@ def training_source(config: SegNetConfig, run_dir, table: LabelTable, verbose: i
     """What the segmenter trains on: the labelled training scans (``supervised``) or volumes
     synthesised from the atlas (``dataaug``, which first trains its appearance model)."""
     if config.method == "dataaug":
-        from ltnet_keras.dataaug import prepare_synthetic_source
-        return prepare_synthetic_source(config, run_dir, table, verbose)
+        return dataaug.prepare_synthetic_source(config, run_dir, table, verbose)
     return load_labelled_volumes(config, table)
 
 
@@ -349,7 +189,7 @@ def probabilities_to_channels(probabilities, grid: GridSpec,
     """Network-grid probabilities ``(x, y, z, C)`` -> channel map on the scan's own grid.
 
     Each channel is interpolated linearly between the network voxels' block centres (as
-    :func:`ltnet_keras.segment.field_to_grid` brings a field to the scan's grid) and every
+    :func:`ltnet_keras.inference.segment.field_to_grid` brings a field to the scan's grid) and every
     voxel takes the most probable channel; outside the crop is background (channel 0).
     """
     probabilities = np.asarray(probabilities, dtype=np.float32)
@@ -459,7 +299,7 @@ def spatial_run_digest(config: SegNetConfig) -> Optional[str]:
 
 def finished_scores(run_dir, config: SegNetConfig) -> Optional[List[evaluation.SubjectScores]]:
     """The scores of a finished run made with exactly ``config`` (None if it must be redone):
-    same config, scores newer than the weights, every held-out subject, and for DataAug the
+    same config, scores newer than the weights, every validation subject, and for DataAug the
     same VoxelMorph weights as when it was trained."""
     import yaml
     run_dir = Path(run_dir)
@@ -471,8 +311,7 @@ def finished_scores(run_dir, config: SegNetConfig) -> Optional[List[evaluation.S
     if scores.stat().st_mtime < weights.stat().st_mtime:
         return None
     if config.method == "dataaug":
-        from ltnet_keras.dataaug import RECORD
-        record_path = run_dir / RECORD
+        record_path = run_dir / dataaug.RECORD
         if not record_path.exists():
             return None
         if json.loads(record_path.read_text()).get("spatial_weights_sha256") != \
@@ -488,7 +327,6 @@ def run_segnet_experiment(config: SegNetConfig, run_dir, verbose: int = 1
                           ) -> List[evaluation.SubjectScores]:
     """Train (or resume) the U-Net, score ``data.val_subjects`` and write ``scores_segnet.csv``,
     ``summary.csv`` and ``results.md``; a finished, scored run is read back instead."""
-    from ltnet_keras.experiment import report
     run_dir = Path(run_dir)
     done = finished_scores(run_dir, config)
     if done is not None:
@@ -499,5 +337,5 @@ def run_segnet_experiment(config: SegNetConfig, run_dir, verbose: int = 1
     title = (f"{config.name}: segmentation U-Net ({config.method}), {result.steps_done} steps, "
              f"network grid {config.data.network_shape}, labels of "
              f"{', '.join(result.source.labelled_subjects)}")
-    report(run_dir, {"segnet": scores}, title)
+    evaluation.report(run_dir, {"segnet": scores}, title)
     return scores

@@ -94,7 +94,7 @@ def weakest_term(history_row: Dict[str, float]):
 def run_setting(config: ExperimentConfig, run_dir, results_dir, verbose: int = 2) -> dict:
     """Train, score and record one setting; returns its row (without the twin columns)."""
     from ltnet_keras import evaluation
-    from ltnet_keras.experiment import report, segment_and_score
+    from ltnet_keras.study.experiment import report, segment_and_score
     from ltnet_keras.training import FORWARD_WEIGHTS, train, train_seconds
     run_dir, results_dir = Path(run_dir), Path(results_dir)
     row_path = results_dir / "row.json"

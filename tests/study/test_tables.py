@@ -1,4 +1,5 @@
-"""ltnet_keras.tables: the paper-format rows, the per-subject CSV, the box plot, provenance."""
+"""ltnet_keras.study.tables: the paper-format rows, the per-subject CSV, the box plot, provenance;
+ltnet_keras.study.rerender: a table's Markdown rebuilt from its own CSVs."""
 import csv
 import io
 import json
@@ -7,7 +8,8 @@ import pytest
 
 from ltnet_keras.config import ExperimentConfig
 from ltnet_keras.evaluation import SubjectScores
-from ltnet_keras.tables import (PAPER_REFERENCE, Row, format_markdown_table, paper_format,
+from ltnet_keras.study.rerender import rerender_structure_table, rerender_table
+from ltnet_keras.study.tables import (PAPER_REFERENCE, Row, format_markdown_table, paper_format,
                                 plot_boxes, subjects_csv_text, write_provenance,
                                 write_structure_table, write_table)
 
@@ -123,3 +125,25 @@ def test_provenance_records_configs_seeds_and_versions(tmp_path):
     assert record["configs"]["gan"]["weights"]["cyc"] == 10.0
     assert record["run_dirs"] == {"gan": "runs/x"} and record["packages"]["numpy"]
     assert len(record["git_commit"] or "") == 40
+
+
+# ----------------------------------------------------------------------------- re-rendering
+
+def test_rerendered_table_is_what_the_writer_wrote(tmp_path):
+    rows = [Row("floor", TWO, note="floor: affine only"),
+            Row("+ L_GAN", THREE, "+ L_GAN", variant="paper weights"),
+            Row("+ L_GAN", TWO, "+ L_GAN", variant="recipe weights")]
+    written = write_table(tmp_path, "table1", "Table 1 — 3 held-out subjects", rows,
+                          ["one note on the held-out subjects"])
+    again = rerender_table(tmp_path, "table1")
+    assert again == written.replace("held-out", "validation")
+    assert "| + L_GAN | 80.0 (8.2) | 70.0 | 90.0 | 55.0 (5.0) | 50.0 | 60.0 | 3/2 |" in again
+    assert (tmp_path / "table1.md").read_text() == again
+
+
+def test_rerendered_structure_table_is_what_the_writer_wrote(tmp_path):
+    results = {"VoxelMorph": THREE, "LT-Net (recipe)": TWO}
+    paper_rows = {"VoxelMorph": "VoxelMorph", "LT-Net (recipe)": "LT-Net"}
+    written = write_structure_table(tmp_path, "table4", "Table 4", results, paper_rows,
+                                    ["a note"])
+    assert rerender_structure_table(tmp_path, "table4", paper_rows) == written

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from ltnet_keras import cli
-from ltnet_keras.segment import warp_image, warp_label_map
+from ltnet_keras.inference.segment import warp_image, warp_label_map
 
 
 def identity(shape):
@@ -137,7 +137,7 @@ def test_segment_cli_end_to_end(trained_run, lpba40_root, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_segmenter_nearest_and_linear_agree_mostly(trained_run, lpba40_root):
-    from ltnet_keras.segment import Segmenter
+    from ltnet_keras.inference.segment import Segmenter
     image = lpba40_root / "images" / "S12.nii.gz"
     linear = Segmenter(trained_run, label_interp="linear").segment(image)
     nearest = Segmenter(trained_run, label_interp="nearest").segment(image)
@@ -183,7 +183,7 @@ def test_segment_missing_image_is_exit_code_2(trained_run, tmp_path, capsys):
 def test_tf_field_upsampling_matches_gridspec(original_shape, crop_start, crop_shape, factor):
     """segment.field_to_grid (TF, in the XLA graph) is GridSpec.field_to_original (numpy)."""
     from ltnet_keras.data.preprocess import GridSpec
-    from ltnet_keras.segment import field_to_grid
+    from ltnet_keras.inference.segment import field_to_grid
     grid = GridSpec(original_shape, crop_start, crop_shape, factor)
     field = np.random.default_rng(1).normal(size=grid.network_shape + (3,)).astype(np.float32)
     expected = grid.field_to_original(field)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ltnet_keras import losses as L
+from ltnet_keras.losses import equations as L
 
 EPS, GAMMA = 0.001, 0.45
 RHO0 = EPS ** (2 * GAMMA)  # rho(0) = (0 + eps^2)^gamma = eps^(2 gamma) ~= 0.001995

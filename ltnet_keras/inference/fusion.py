@@ -3,7 +3,7 @@
 Both take label maps already warped onto one target grid (``(x, y, z)`` arrays) and return one
 fused label map on that grid. Numpy and scipy only, apart from :func:`joint_label_fusion`,
 which runs ANTs' ``antsJointFusion`` (loaded lazily, with one ITK thread, see
-``ltnet_keras.align.load_ants``).
+``ltnet_keras.data.align.load_ants``).
 """
 import dataclasses
 from dataclasses import dataclass
@@ -146,9 +146,9 @@ def _ants_jlf(target, images, labels, mask, affine, settings: JointFusionSetting
     files, so inside the mask it can never return background. ANTs' own label fusion image
     (read here, no files) votes over every label, 0 included.
     """
-    from ltnet_keras.align import _to_ants, load_ants
+    from ltnet_keras.data.align import _to_ants, load_ants
     from ltnet_keras.data.io import Volume
-    ants = load_ants()
+    load_ants()
     from ants.internal import get_lib_fn, get_pointer_string, process_arguments
 
     def image(array):

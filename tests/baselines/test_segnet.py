@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ltnet_keras import evaluation, segnet
+from ltnet_keras import evaluation
+from ltnet_keras.baselines import segnet, unet
 from ltnet_keras.data.labels import LabelTable
 from ltnet_keras.data.preprocess import GridSpec
 from ltnet_keras.data.synthetic import write_synthetic_dataset
-from ltnet_keras.segnet_config import load_segnet_config, segnet_config_from_dict
+from ltnet_keras.baselines.segnet_config import load_segnet_config, segnet_config_from_dict
 
 
 # ----------------------------------------------------------------------------- loss
@@ -23,13 +24,13 @@ def test_soft_dice_and_cross_entropy_by_hand():
     dice_smooth_1 = 1.0 - ((1.6 + 1.0) / (2.2 + 1.0) + (1.2 + 1.0) / (1.8 + 1.0)) / 2.0
     dice_exact = 1.0 - (1.6 / 2.2 + 1.2 / 1.8) / 2.0
     cross_entropy = -(np.log(0.8) + np.log(0.6)) / 2.0
-    np.testing.assert_allclose(segnet.soft_dice_loss(y_true, y_pred).numpy(), [dice_smooth_1],
+    np.testing.assert_allclose(unet.soft_dice_loss(y_true, y_pred).numpy(), [dice_smooth_1],
                                rtol=1e-6)
-    np.testing.assert_allclose(segnet.soft_dice_loss(y_true, y_pred, smooth=0.0).numpy(),
+    np.testing.assert_allclose(unet.soft_dice_loss(y_true, y_pred, smooth=0.0).numpy(),
                                [dice_exact], rtol=1e-6)
-    np.testing.assert_allclose(segnet.cross_entropy_loss(y_true, y_pred).numpy(),
+    np.testing.assert_allclose(unet.cross_entropy_loss(y_true, y_pred).numpy(),
                                [cross_entropy], rtol=1e-6)
-    terms = segnet.segmentation_loss_terms(y_true, y_pred, dice_weight=2.0,
+    terms = unet.segmentation_loss_terms(y_true, y_pred, dice_weight=2.0,
                                            cross_entropy_weight=0.5)
     np.testing.assert_allclose(terms["total"].numpy(),
                                [2.0 * dice_smooth_1 + 0.5 * cross_entropy], rtol=1e-6)
@@ -39,9 +40,9 @@ def test_perfect_prediction_has_zero_loss_and_each_example_its_own():
     y = np.eye(3, dtype=np.float32)[np.array([0, 1, 2, 2]).reshape(1, 4, 1, 1)]
     wrong = np.roll(y, 1, axis=-1)
     both = np.concatenate([y, y]), np.concatenate([y, wrong])
-    dice = segnet.soft_dice_loss(*both).numpy()
+    dice = unet.soft_dice_loss(*both).numpy()
     assert dice[0] == pytest.approx(0.0, abs=1e-7) and dice[1] > 0.5
-    cross_entropy = segnet.cross_entropy_loss(*both).numpy()
+    cross_entropy = unet.cross_entropy_loss(*both).numpy()
     assert cross_entropy[0] == pytest.approx(0.0, abs=1e-6)
     assert cross_entropy[1] == pytest.approx(-np.log(1e-7), rel=1e-5)  # clipped log(0)
 
@@ -162,7 +163,7 @@ def test_resume_continues_to_the_uninterrupted_weights(synthetic_root, tmp_path)
 
 
 def test_config_round_trip(tmp_path):
-    from ltnet_keras.segnet_config import save_segnet_config
+    from ltnet_keras.baselines.segnet_config import save_segnet_config
     config = segnet_config_from_dict({"method": "dataaug", "dataaug": {
         "spatial_run": "runs/x", "appearance": {"steps": 20, "smooth": 0.5}}})
     save_segnet_config(config, tmp_path / "c.yaml")
@@ -177,7 +178,7 @@ def test_config_round_trip(tmp_path):
 def table_scripts():
     import sys
     from pathlib import Path
-    experiments = Path(__file__).resolve().parents[1] / "experiments"
+    experiments = Path(__file__).resolve().parents[2] / "experiments"
     sys.path.insert(0, str(experiments))
     import table4_structures  # noqa: E402  (imported the way the scripts import each other)
     import table5_sota
@@ -267,7 +268,7 @@ def test_table5_and_table4_smoke_runs_write_every_output(lpba40_root, table_scri
     assert not (installed / "checkpoints").exists()
     assert json.loads((installed / table5.INSTALLED).read_text())["source"] == \
         str((out5 / "voxelmorph").resolve())
-    from ltnet_keras.segment import Segmenter
+    from ltnet_keras.inference.segment import Segmenter
     Segmenter(installed)   # what `ltnet segment --run` loads
     reused = csv_rows(out5b / "table5_subjects.csv")
     original = {r["method"]: r["mean_structure"] for r in subjects}

@@ -4,8 +4,8 @@ Each of k labelled training scans (the atlases) is registered to a target scan w
 (Avants et al., Symmetric diffeomorphic image registration with cross-correlation, Medical
 Image Analysis 12(1), 2008), its labels are warped onto the target's own full-resolution grid,
 and the k warped label maps are fused per voxel, by joint label fusion (Wang et al., IEEE
-TPAMI 2013; :func:`ltnet_keras.fusion.joint_label_fusion`) or by majority vote
-(:func:`ltnet_keras.fusion.majority_vote`). Both fusions use the same registrations, and the
+TPAMI 2013; :func:`ltnet_keras.inference.fusion.joint_label_fusion`) or by majority vote
+(:func:`ltnet_keras.inference.fusion.majority_vote`). Both fusions use the same registrations, and the
 rows with 2, 3, 4, 5 atlases use prefixes of one ranked list (:func:`ranked_atlases`), so each
 (atlas, target) pair is registered once (:class:`RegistrationCache`).
 
@@ -17,10 +17,7 @@ when they were computed) plus its fusion. A finished row (``<out>/<row>/scores.c
 ``row.json``) is read back instead of recomputed while its atlases, subjects and settings stay
 the same.
 """
-import dataclasses
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,16 +27,16 @@ import numpy as np
 
 from ltnet_keras import evaluation
 from ltnet_keras.data.errors import VolumeError
-from ltnet_keras.fusion import JointFusionSettings, joint_label_fusion, majority_vote
-from ltnet_keras.records import atomic_write_text, read_keyed_record
+from ltnet_keras.inference.fusion import JointFusionSettings, joint_label_fusion, majority_vote
+from ltnet_keras.records import atomic_write_text, read_keyed_record, shown_path
+from ltnet_keras.baselines.syn import (SMOKE_SYN, RegistrationCache, SynSettings,  # noqa: F401
+                                       WarpedAtlas, register_atlas)
 
 __all__ = ["SynSettings", "SMOKE_SYN", "WarpedAtlas", "register_atlas", "RegistrationCache",
            "ranked_atlases", "MultiAtlasRow", "FUSION_METHODS", "ants_multi_atlas",
            "LearnedFusion", "learned_multi_atlas", "similarity_order"]
 
 FUSION_METHODS = ("jlf", "majority")
-SYN_TRANSFORMS = ("SyN", "SyNOnly")
-LABEL_INTERPOLATORS = ("nearestNeighbor", "genericLabel")
 
 
 # ----------------------------------------------------------------------------- atlases
@@ -47,10 +44,10 @@ LABEL_INTERPOLATORS = ("nearestNeighbor", "genericLabel")
 def ranked_atlases(data, first: Optional[str], k_max: int) -> List[str]:
     """Up to ``k_max`` atlases: ``first`` (the single-atlas method's atlas; None: the "auto"
     rule's pick), then the other training scans by decreasing similarity to the pool's
-    average, the ranking :func:`ltnet_keras.atlas.select_atlas` picks the single atlas by.
+    average, the ranking :func:`ltnet_keras.data.atlas.select_atlas` picks the single atlas by.
     ``data`` is a :class:`ltnet_keras.config.DataConfig`. The rows with k atlases use the first
     k, so adding atlases never changes the ones already there."""
-    from ltnet_keras.atlas import select_atlas
+    from ltnet_keras.data.atlas import select_atlas
     from ltnet_keras.data.dataset import subject_files
     if int(k_max) < 1:
         raise ValueError(f"k_max must be at least 1, not {k_max}")
@@ -69,191 +66,18 @@ def similarity_order(warped_images: Sequence[np.ndarray], target: np.ndarray) ->
     """Indices of ``warped_images`` by decreasing Pearson correlation with ``target`` (stable:
     equal ones keep their order). Majority vote gives ties to the earliest map, i.e. to the
     atlas that after registration looks most like the target."""
-    from ltnet_keras.atlas import _ncc
+    from ltnet_keras.data.atlas import _ncc
     target = np.asarray(target, np.float64)
     similarity = [_ncc(np.asarray(image, np.float64), target) for image in warped_images]
     similarity = [-np.inf if np.isnan(s) else s for s in similarity]
     return sorted(range(len(similarity)), key=lambda i: -similarity[i])
 
 
-# ----------------------------------------------------------------------------- registration
-
-@dataclass
-class SynSettings:
-    """How :func:`register_atlas` runs ANTs.
-
-    Both scans are resampled to ``spacing`` mm voxels (anti-aliased, along the target's axes)
-    and registered there with ``ants.registration(type_of_transform=transform)``: "SyN" is an
-    affine stage (mutual information, 4x2x2x1 shrink) then SyN (``metric``, Gaussian-smoothed
-    velocity, ``iterations`` per level at shrink factors 4x2x1 of the ``spacing`` grid);
-    "SyNOnly" skips the affine stage. The transforms are then applied to the atlas' labels
-    (``label_interpolator``) and image (linear) on the TARGET's full-resolution grid, so the
-    result is scored where the manual labels are. ``seed`` fixes the metric's samples: with
-    one ITK thread (:func:`ltnet_keras.align.load_ants`) a registration is the same bit for
-    bit from run to run.
-
-    Default: 3 mm, affine + SyN with Mattes mutual information, (100, 70, 50) iterations,
-    nearest-neighbour labels: 10-12 s of registration and 2 s of warping per LPBA40 pair on
-    one core (S13 to S31: 9.7 s, mean Dice 66.8 % unregistered, 75.4 % registered; S14 to
-    S32: 12.2 s, 58.1 % to 69.3 %). Fewer iterations at the finest level cost Dice: (100,
-    70, 5) takes 4-5 s for 0.4-0.9 points less, 4 mm voxels 3-4 s for ~1 point less;
-    genericLabel instead of nearest neighbour adds ~10 s per pair for ~0.3 points.
-    """
-    spacing: float = 3.0
-    transform: str = "SyN"
-    metric: str = "mattes"
-    iterations: tuple = (100, 70, 50)
-    label_interpolator: str = "nearestNeighbor"
-    seed: int = 1
-
-    def __post_init__(self):
-        self.iterations = tuple(int(i) for i in self.iterations)
-        if self.transform not in SYN_TRANSFORMS:
-            raise ValueError(f"unknown SyN transform {self.transform!r}; valid: "
-                             f"{', '.join(SYN_TRANSFORMS)}")
-        if self.label_interpolator not in LABEL_INTERPOLATORS:
-            raise ValueError(f"unknown label interpolator {self.label_interpolator!r}; valid: "
-                             f"{', '.join(LABEL_INTERPOLATORS)}")
-        if self.metric not in ("mattes", "CC", "meansquares"):
-            raise ValueError(f"unknown SyN metric {self.metric!r}; valid: mattes, CC, "
-                             "meansquares")
-        if self.spacing <= 0:
-            raise ValueError(f"registration spacing must be > 0 mm, not {self.spacing}")
-        if not self.iterations or min(self.iterations) < 0:
-            raise ValueError(f"SyN iterations must be >= 0 per level, not {self.iterations}")
-        if int(self.seed) != self.seed or self.seed < 1:
-            # ANTs reads --random-seed 0 as "seed from the clock".
-            raise ValueError(f"registration seed must be an integer >= 1, not {self.seed}")
-
-    def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
-
-    def describe(self) -> str:
-        stages = "affine + SyN" if self.transform == "SyN" else "SyN only"
-        return (f"ANTs {stages} ({self.metric}, iterations {'x'.join(map(str, self.iterations))}) "
-                f"at {self.spacing:g} mm, labels warped ({self.label_interpolator}) onto each "
-                f"target's 1 mm grid, seed {self.seed}, one ITK thread")
-
-
-#: Coarse registration for smoke runs and tests: checks the pipeline, not a result.
-SMOKE_SYN = SynSettings(spacing=6.0, iterations=(20, 10, 0))
-
-
-@dataclass
-class WarpedAtlas:
-    """One atlas on one target's grid: its labels (int32), its intensity-normalised image
-    (float32) and the seconds the registration and warping took when computed."""
-    atlas: str
-    target: str
-    labels: np.ndarray
-    image: np.ndarray
-    seconds: float
-
-
-def register_atlas(atlas_image, atlas_labels, target,
-                   settings: Optional[SynSettings] = None) -> WarpedAtlas:
-    """Register the atlas (moving) to the target (fixed) with ANTs SyN and warp the atlas'
-    labels and image onto the target's grid (:class:`SynSettings`). Arguments are
-    :class:`ltnet_keras.data.io.Volume` objects; the atlas' labels are on its image's grid."""
-    from ltnet_keras.align import _ants_seed, _to_ants, axis_codes, load_ants, registration_image
-    from ltnet_keras.data.io import Volume, subject_id
-    from ltnet_keras.data.preprocess import normalise_intensity
-    settings = settings or SynSettings()
-    ants = load_ants()
-    clock = time.perf_counter()
-    codes = axis_codes(target.affine)
-    fixed = _to_ants(registration_image(target, codes, settings.spacing))
-    moving = _to_ants(registration_image(atlas_image, codes, settings.spacing))
-    normalised = normalise_intensity(atlas_image.array, source=atlas_image.path)
-    with tempfile.TemporaryDirectory(prefix="ltnet_syn_") as folder, _ants_seed(settings.seed):
-        try:
-            result = ants.registration(
-                fixed, moving, type_of_transform=settings.transform,
-                outprefix=os.path.join(folder, "atlas_to_target_"), syn_metric=settings.metric,
-                reg_iterations=settings.iterations)
-        except RuntimeError as error:
-            raise VolumeError(atlas_image.path, f"ANTs SyN could not register this atlas to "
-                                                f"{target.path} ({error})") from error
-        grid = _to_ants(target)
-        labels = ants.apply_transforms(
-            grid, _to_ants(Volume(atlas_labels.array.astype(np.float32), atlas_labels.affine,
-                                  None, atlas_labels.path)),
-            result["fwdtransforms"], interpolator=settings.label_interpolator)
-        image = ants.apply_transforms(
-            grid, _to_ants(Volume(normalised, atlas_image.affine, None, atlas_image.path)),
-            result["fwdtransforms"], interpolator="linear")
-    seconds = time.perf_counter() - clock
-    return WarpedAtlas(subject_id(atlas_image.path), subject_id(target.path),
-                       np.rint(labels.numpy()).astype(np.int32),
-                       image.numpy().astype(np.float32), seconds)
-
-
-def _file_key(path) -> dict:
-    stat = os.stat(path)
-    return {"path": str(Path(path).resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
-
-
-class RegistrationCache:
-    """Registrations kept in ``folder`` as ``<atlas>_to_<target>_labels.nii.gz``,
-    ``..._image.nii.gz`` and ``....json`` (what they were computed from, and how long it
-    took), reused while the three files and the settings stay the same."""
-
-    def __init__(self, folder, settings: Optional[SynSettings] = None, table=None):
-        self.folder = Path(folder)
-        self.settings = settings or SynSettings()
-        self.table = table
-        #: Registrations computed (not read back) by this cache object.
-        self.registrations_run = 0
-
-    def _paths(self, atlas: str, target: str):
-        stem = self.folder / f"{atlas}_to_{target}"
-        return (stem.with_name(stem.name + ".json"), stem.with_name(stem.name + "_labels.nii.gz"),
-                stem.with_name(stem.name + "_image.nii.gz"))
-
-    def _key(self, atlas_files, target_files) -> dict:
-        return {"atlas_image": _file_key(atlas_files.image),
-                "atlas_labels": _file_key(atlas_files.label),
-                "target_image": _file_key(target_files.image),
-                "settings": self.settings.to_dict()}
-
-    def _read(self, atlas_files, target_files) -> Optional[WarpedAtlas]:
-        from ltnet_keras.data.io import load_image, load_label_map
-        record_path, labels_path, image_path = self._paths(atlas_files.id, target_files.id)
-        if not (labels_path.exists() and image_path.exists()):
-            return None
-        record = read_keyed_record(record_path, self._key(atlas_files, target_files))
-        if record is None:
-            return None
-        return WarpedAtlas(atlas_files.id, target_files.id, load_label_map(labels_path).array,
-                           load_image(image_path).array, float(record["seconds"]))
-
-    def warped_atlas(self, atlas_files, target_files, target=None) -> WarpedAtlas:
-        """The atlas (``SubjectFiles`` with labels) registered to the target (``SubjectFiles``):
-        read back when kept, else computed with :func:`register_atlas` and kept. ``target``:
-        the target's Volume if already loaded."""
-        from ltnet_keras.data.io import load_image, load_subject, save_volume
-        if atlas_files.label is None:
-            raise VolumeError(atlas_files.image, "an atlas needs a label map; none found")
-        kept = self._read(atlas_files, target_files)
-        if kept is not None:
-            return kept
-        atlas_image, atlas_labels = load_subject(atlas_files.image, atlas_files.label, self.table)
-        target = target if target is not None else load_image(target_files.image)
-        warped = register_atlas(atlas_image, atlas_labels, target, self.settings)
-        self.registrations_run += 1
-        record_path, labels_path, image_path = self._paths(atlas_files.id, target_files.id)
-        save_volume(warped.labels, labels_path, target.affine)
-        save_volume(warped.image, image_path, target.affine)
-        atomic_write_text(record_path, json.dumps(
-            {"key": self._key(atlas_files, target_files), "seconds": warped.seconds}, indent=2))
-        return warped
-
-
 # ----------------------------------------------------------------------------- rows
 
 @dataclass
 class MultiAtlasRow:
-    """One row of the table: ``scores`` per held-out subject with the ``atlases`` it fused and
+    """One row of the table: ``scores`` per validation subject with the ``atlases`` it fused and
     the seconds each subject took (registrations of those atlases + fusion)."""
     name: str
     atlases: List[str]
@@ -331,14 +155,14 @@ def ants_multi_atlas(data, atlases: Sequence[str], ks: Sequence[int], out_dir,
     subjects = list(data.val_subjects)
     overlap = sorted(set(subjects) & set(atlases[:ks[-1]]))
     if overlap:
-        raise ValueError(f"held-out subjects {overlap} are also atlases")
+        raise ValueError(f"validation subjects {overlap} are also atlases")
     table = LabelTable.from_tsv(data.resolved_labels_tsv())
 
     wanted = [(("single", 1) if k == 1 else (method, k)) for k in ks
               for method in (["single"] if k == 1 else methods)]
     keys = {ants_row_name(m, k): _json({
         "method": m, "atlases": list(atlases[:k]), "subjects": subjects,
-        "data_root": str(data.resolved_root()), "syn": syn.to_dict(),
+        "data_root": data.root, "syn": syn.to_dict(),
         "jlf": jlf.to_dict() if m == "jlf" else None}) for m, k in wanted}
     rows = {name: _read_row(out_dir / name, key) for name, key in keys.items()}
     missing = [(m, k) for m, k in wanted if rows[ants_row_name(m, k)] is None]
@@ -355,7 +179,7 @@ def ants_multi_atlas(data, atlases: Sequence[str], ks: Sequence[int], out_dir,
                for m, k in missing}
     for files in subject_files(data, subjects):
         if files.label is None:
-            raise VolumeError(files.image, "a held-out subject needs a label map to be scored")
+            raise VolumeError(files.image, "a validation subject needs a label map to be scored")
         target = load_image(files.image)
         truth = load_label_map(files.label).array
         target_normalised = normalise_intensity(target.array, source=target.path)
@@ -424,7 +248,7 @@ def learned_multi_atlas(run_dir, config, ks: Sequence[int], out_dir=None,
 
     The atlases are ``atlases`` or the top ``max(ks)`` of :func:`ranked_atlases` (the run's
     own atlas first, so k = 1 is plain LT-Net). Each is passed to G_F as the moving image, its
-    labels are warped onto each held-out scan (Eq. 2) and the first ``k`` warped label maps
+    labels are warped onto each validation scan (Eq. 2) and the first ``k`` warped label maps
     are fused by :func:`majority_vote`; ties go to the atlas whose warped image correlates best
     with the scan. Each atlas' G_F is called once, untimed, before the timed scans (graph
     tracing). This is NOT MABMIS (groupwise registration + iterative groupwise segmentation);
@@ -434,7 +258,7 @@ def learned_multi_atlas(run_dir, config, ks: Sequence[int], out_dir=None,
     from ltnet_keras.data.dataset import subject_files
     from ltnet_keras.data.io import load_image, load_label_map
     from ltnet_keras.data.labels import LabelTable
-    from ltnet_keras.segment import Segmenter, warp_image
+    from ltnet_keras.inference.segment import Segmenter, warp_image
     from ltnet_keras.training import FORWARD_WEIGHTS
 
     run_dir = Path(run_dir)
@@ -449,7 +273,7 @@ def learned_multi_atlas(run_dir, config, ks: Sequence[int], out_dir=None,
     subjects = list(config.data.val_subjects)
     interp = config.segment.label_interp
     weights = run_dir / FORWARD_WEIGHTS
-    keys = {k: _json({"method": "ltnet_gf_majority", "run_dir": str(run_dir.resolve()),
+    keys = {k: _json({"method": "ltnet_gf_majority", "run_dir": shown_path(run_dir),
                       "weights_mtime_ns": weights.stat().st_mtime_ns if weights.exists() else None,
                       "label_interp": interp, "atlases": atlases[:k], "subjects": subjects})
             for k in ks}

@@ -1,4 +1,4 @@
-"""One experiment end to end: train, segment the held-out subjects, evaluate, report.
+"""One experiment end to end: train, segment the validation subjects, evaluate, report.
 
 Results land in the run directory next to the config and environment record that made them:
 ``scores_<method>.csv`` (per subject), ``summary.csv`` and ``results.md`` (Tables 1-5 format).
@@ -13,7 +13,7 @@ from ltnet_keras.config import SEGMENT_INTERPOLATIONS, ExperimentConfig
 from ltnet_keras.data.dataset import subject_files
 from ltnet_keras.data.io import load_label_map
 from ltnet_keras.data.labels import LabelTable
-from ltnet_keras.records import atomic_write_text
+from ltnet_keras.evaluation import report  # noqa: F401  (callers import it from here too)
 
 
 def no_registration_scores(config: ExperimentConfig, atlas: str, subjects: List[str],
@@ -46,10 +46,10 @@ def segment_and_score(run_dir, config: ExperimentConfig, subjects: List[str],
                       label_interp: str, out_dir=None) -> List[evaluation.SubjectScores]:
     """Segment ``subjects`` with the run's G_F and score them against their manual labels;
     each subject's scores carry the folding statistics of its network-grid forward field."""
-    from ltnet_keras.segment import Segmenter
+    from ltnet_keras.inference.segment import Segmenter
     from ltnet_keras.training import ALIGNED_DIR
     table = LabelTable.from_tsv(config.data.resolved_labels_tsv())
-    # Held-out scans are aligned once (kept beside the pool's) and scored on their own grid.
+    # Validation scans are aligned once (kept beside the pool's) and scored on their own grid.
     cache = Path(run_dir) / ALIGNED_DIR if config.data.align != "none" else None
     segmenter = Segmenter(run_dir, label_interp=label_interp, alignment_cache=cache)
     out_dir = Path(out_dir or Path(run_dir) / "segmentations" / label_interp)
@@ -61,23 +61,6 @@ def segment_and_score(run_dir, config: ExperimentConfig, subjects: List[str],
         subject_scores.deformation = evaluation.folding_stats(result.network_field)
         scores.append(subject_scores)
     return scores
-
-
-def report(run_dir, results: Dict[str, List[evaluation.SubjectScores]], title: str) -> str:
-    """Write per-subject CSVs, ``summary.csv`` and ``results.md``; return the Markdown."""
-    run_dir = Path(run_dir)
-    summaries = {}
-    for method, scores in results.items():
-        evaluation.write_scores_csv(scores, run_dir / f"scores_{method}.csv")
-        summaries[method] = evaluation.summarise(scores)
-    evaluation.write_summary_csv(summaries, run_dir / "summary.csv")
-    text = "\n".join([
-        f"# {title}", "",
-        "Mean Dice (%) over merged left/right structures per subject; mean (std), min, max over "
-        "subjects.", "", "```", evaluation.format_summary_table(summaries), "```", "",
-        "Per structure:", "", "```", evaluation.format_structure_table(results), "```", ""])
-    atomic_write_text(run_dir / "results.md", text)
-    return text
 
 
 def run_experiment(config: ExperimentConfig, run_dir, verbose: int = 1,

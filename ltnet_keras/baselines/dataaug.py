@@ -23,11 +23,11 @@ and train a supervised segmenter on them. Here:
   probability ``dataaug.atlas_fraction`` the step shows the atlas itself instead. The labels
   are warped by nearest neighbour (Zhao et al.'s released code) or, with
   ``dataaug.label_interp: linear``, as a trilinearly warped one-hot map (soft targets).
-* **Segmenter**: the segmentation U-Net of :mod:`ltnet_keras.segnet` (the same network and
+* **Segmenter**: the segmentation U-Net of :mod:`ltnet_keras.baselines.segnet` (the same network and
   loss as the supervised upper bound of Table 5).
 
 Only the atlas' label map is ever read while training (the pool is read as images only); the
-held-out subjects' labels are read afterwards, to score.
+validation subjects' labels are read afterwards, to score.
 
 Where this departs from the paper:
 
@@ -51,8 +51,8 @@ import numpy as np
 from ltnet_keras.data.dataset import PreparedSubject, prepare_subjects
 from ltnet_keras.data.labels import LabelTable
 from ltnet_keras.records import atomic_write_text
-from ltnet_keras.segnet import build_unet, draw_rng, file_digest, train_loop
-from ltnet_keras.segnet_config import (SYNTHETIC_LABEL_INTERPOLATIONS, AppearanceConfig,
+from ltnet_keras.baselines.unet import build_unet, draw_rng, file_digest, train_loop
+from ltnet_keras.baselines.segnet_config import (SYNTHETIC_LABEL_INTERPOLATIONS, AppearanceConfig,
                                        SegNetConfig)
 
 APPEARANCE_DIR = "appearance"
@@ -226,7 +226,7 @@ class SyntheticVolumes:
         import tensorflow as tf
 
         from ltnet_keras.models import trilinear
-        from ltnet_keras.segment import sampling_grid, warp_labels_tf
+        from ltnet_keras.inference.segment import sampling_grid, warp_labels_tf
         atlas = tf.constant(self.atlas_image[None, ..., None], tf.float32)
         channels = tf.constant(self.atlas_label_channels.astype(np.int32))
         fields = tf.constant(self.fields, tf.float32)
@@ -283,7 +283,7 @@ class SyntheticVolumes:
 
 def _spatial_segmenter(config: SegNetConfig):
     """The VoxelMorph run of ``dataaug.spatial_run``, checked against ``config``."""
-    from ltnet_keras.segment import Segmenter
+    from ltnet_keras.inference.segment import Segmenter
     from ltnet_keras.training import FORWARD_WEIGHTS
     run = Path(config.dataaug.spatial_run or ".")
     if not config.dataaug.spatial_run or not (run / FORWARD_WEIGHTS).exists():

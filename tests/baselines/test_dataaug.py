@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ltnet_keras import dataaug, segnet
+from ltnet_keras.baselines import dataaug
+from ltnet_keras.baselines import segnet
 from ltnet_keras.data.labels import LabelTable
 from ltnet_keras.data.synthetic import write_synthetic_dataset
-from ltnet_keras.segment import warp_image
-from ltnet_keras.segnet_config import AppearanceConfig, segnet_config_from_dict
+from ltnet_keras.inference.segment import warp_image
+from ltnet_keras.baselines.segnet_config import AppearanceConfig, segnet_config_from_dict
 
 
 def identity_grid(shape):
@@ -248,7 +249,7 @@ def test_dataaug_trains_reading_no_label_map_but_the_atlas(one_shot_root, tmp_pa
 
     # New VoxelMorph weights under the same run: the DataAug run refuses to resume on them.
     from ltnet_keras.models.generators import make_generator
-    from ltnet_keras.segment import Segmenter
+    from ltnet_keras.inference.segment import Segmenter
     tf.keras.utils.set_random_seed(4)
     make_generator((32, 32, 32), Segmenter(spatial).config.network, "forward_generator") \
         .save_weights(str(spatial / "forward_generator.h5"))

@@ -31,9 +31,13 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 from ltnet_keras import evaluation
 from ltnet_keras.config import ExperimentConfig, config_to_dict
-from ltnet_keras.records import atomic_write_text, csv_text, package_versions
+from ltnet_keras.records import (atomic_write_text, csv_text, package_versions,
+                                 without_machine_paths)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
+#: Said under every table: the subjects scored chose the recipe and every default.
+VALIDATION_NOTE = ("These are validation subjects, not a test set: the recipe and every default "
+                   "were chosen on them (the nine LPBA40 subjects kept aside are the test set).")
 
 PAPER_NOTE = ("Paper numbers are on CANDI (103 scans, 28 mostly subcortical and tissue labels, "
               "160x160x128 crops, long training on two GPUs); ours are on LPBA40 (28 mostly "
@@ -293,13 +297,22 @@ def write_table(out_root, table: str, title: str, rows: Sequence[Row], notes: Se
     the merged structures; the paper's numbers are :data:`PAPER_REFERENCE` ``[table]``."""
     out_root = Path(out_root)
     out_root.mkdir(parents=True, exist_ok=True)
+    _write_row_files(out_root, table, rows, title, PAPER_REFERENCE.get(table, {}))
+    markdown = table_markdown(table, title, rows, notes, structures)
+    atomic_write_text(out_root / f"{table}.md", markdown)
+    return markdown
+
+
+def table_markdown(table: str, title: str, rows: Sequence[Row], notes: Sequence[str] = (),
+                   structures: bool = True) -> str:
+    """``<table>.md`` of :func:`write_table`: our rows beside the paper's, the notes, and with
+    ``structures`` the per-structure means of every row with scores."""
     reference = PAPER_REFERENCE.get(table, {})
-    _write_row_files(out_root, table, rows, title, reference)
     scored = {row.name: row.scores for row in rows if row.scores}
     text = [f"# {title}", "",
-            "Dice (%) on the held-out LPBA40 subjects: each subject's mean over the merged "
+            "Dice (%) on the LPBA40 validation subjects: each subject's mean over the merged "
             "(left/right) structures; Mean (std), Min and Max over subjects (std with ddof=0).",
-            "", format_markdown_table(rows, reference), "",
+            "", VALIDATION_NOTE, "", format_markdown_table(rows, reference), "",
             f"Per-subject values: `{table}_subjects.csv`; box plot: `{table}.png`.", "",
             f"Note: {PAPER_NOTE}", ""]
     for note in notes:
@@ -307,15 +320,13 @@ def write_table(out_root, table: str, title: str, rows: Sequence[Row], notes: Se
     if structures and scored:
         text += ["Per structure (mean (std) over subjects):", "", "```",
                  evaluation.format_structure_table(scored), "```", ""]
-    markdown = "\n".join(text)
-    atomic_write_text(out_root / f"{table}.md", markdown)
-    return markdown
+    return "\n".join(text)
 
 
 def write_structure_table(out_root, table: str, title: str,
                           results: Mapping[str, List[evaluation.SubjectScores]],
                           paper_rows: Mapping[str, str], notes: Sequence[str] = ()) -> str:
-    """Table 4: Dice (%) of each merged structure, mean (std) over the held-out subjects, one
+    """Table 4: Dice (%) of each merged structure, mean (std) over the validation subjects, one
     column per method (the paper's layout transposed: LPBA40 has 28 structures). ``paper_rows``
     maps our method label to the paper's Table 4 row for the structures both protocols share.
     Writes ``<table>.md``, ``<table>.csv`` (method, structure, n, mean, std, paper),
@@ -338,6 +349,16 @@ def write_structure_table(out_root, table: str, title: str,
         atomic_write_text(out_root / f"{table}_subjects.csv", subjects_csv_text(rows))
         plot_boxes(rows, out_root / f"{table}.png", title)
 
+    markdown = structure_table_markdown(table, title, results, paper_rows, notes)
+    atomic_write_text(out_root / f"{table}.md", markdown)
+    return markdown
+
+
+def structure_table_markdown(table: str, title: str,
+                             results: Mapping[str, List[evaluation.SubjectScores]],
+                             paper_rows: Mapping[str, str], notes: Sequence[str] = ()) -> str:
+    """``<table>.md`` of :func:`write_structure_table`."""
+    paper_index = {name: i for i, name in enumerate(PAPER_TABLE4["structures"])}
     summaries = {method: evaluation.summarise(scores) for method, scores in results.items()}
     shared_lines = ["| Structure (LPBA40 / CANDI) | " + " | ".join(
         f"{m} ours | {paper_rows[m]} paper" for m in results if m in paper_rows) + " |"]
@@ -357,8 +378,8 @@ def write_structure_table(out_root, table: str, title: str,
     paper_lines += [f"| {name} | " + " | ".join(f"{v:.1f}" for v in values) + " |"
                     for name, values in PAPER_TABLE4["rows"].items()]
     text = [f"# {title}", "",
-            "Dice (%) of each merged (left/right) LPBA40 structure, mean (std) over the held-out "
-            "subjects:", "", "```", evaluation.format_structure_table(results), "```", "",
+            "Dice (%) of each merged (left/right) LPBA40 structure, mean (std) over the validation "
+            "subjects:", "", VALIDATION_NOTE, "", "```", evaluation.format_structure_table(results), "```", "",
             "Mean over structures, per subject (Mean (std), Min, Max over subjects):", "", "```",
             evaluation.format_summary_table(summaries), "```", "",
             f"Per-subject values: `{table}_subjects.csv`; box plot: `{table}.png`.", "",
@@ -366,9 +387,7 @@ def write_structure_table(out_root, table: str, title: str,
             *shared_lines, "", "The paper's Table 4 (CANDI; different structures, not comparable "
             "in absolute value):", "", *paper_lines, "", f"Note: {PAPER_NOTE}", ""]
     text += [f"Note: {n}" for n in notes]
-    markdown = "\n".join(text) + "\n"
-    atomic_write_text(out_root / f"{table}.md", markdown)
-    return markdown
+    return "\n".join(text) + "\n"
 
 
 # ----------------------------------------------------------------------------- provenance
@@ -401,6 +420,10 @@ def write_provenance(out_root, table: str, configs: Mapping[str, ExperimentConfi
         "configs": {row: config_to_dict(c) for row, c in configs.items()},
     }
     record.update(extra or {})
+    # Paths under the data roots or the repository are recorded relative to them.
+    roots = {c.data.resolved_root() for c in configs.values()}
+    roots |= {Path(_git("rev-parse", "--show-toplevel") or Path.cwd())}
+    record = without_machine_paths(record, roots)
     path = out_root / "provenance.json"
     atomic_write_text(path, json.dumps(record, indent=2, default=str))
     return path

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ltnet_keras import fused_losses, losses
+from ltnet_keras.losses import fused as fused_losses
+from ltnet_keras.losses import equations as losses
 from ltnet_keras.config import ExperimentConfig, apply_preset
 from ltnet_keras.models import trilinear
 from ltnet_keras.models.generators import make_warp

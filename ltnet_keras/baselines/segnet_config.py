@@ -1,17 +1,16 @@
 """Configuration of the segmentation-network baselines of Table 5.
 
-Two methods train the same segmentation U-Net (:mod:`ltnet_keras.segnet`):
+Two methods train the same segmentation U-Net (:mod:`ltnet_keras.baselines.segnet`):
 
 * ``supervised``: on the manual labels of every scan in ``data.train_subjects`` (the fully
   supervised upper bound of the paper's Table 5);
 * ``dataaug``: on volumes synthesised from the atlas alone (Zhao et al., "Data augmentation
   using learned transformations for one-shot medical image segmentation", CVPR 2019;
-  :mod:`ltnet_keras.dataaug`), with the spatial transforms of a finished VoxelMorph run.
+  :mod:`ltnet_keras.baselines.dataaug`), with the spatial transforms of a finished VoxelMorph run.
 
 One YAML per run holds a :class:`SegNetConfig`; the ``data`` section is the registration runs'
 :class:`~ltnet_keras.config.DataConfig`, so both kinds of rows share one grid and one split.
 """
-import dataclasses
 from dataclasses import dataclass, field
 from typing import List, Optional
 

@@ -8,16 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ltnet_keras import evaluation, multi_atlas
+from ltnet_keras import evaluation
+from ltnet_keras.baselines import multi_atlas, syn
 from ltnet_keras.config import DataConfig
 from ltnet_keras.data.io import Volume, find_subjects
 from ltnet_keras.data.synthetic import (make_synthetic_subject, synthetic_label_table,
                                         write_synthetic_dataset)
-from ltnet_keras.fusion import JointFusionSettings, joint_label_fusion, majority_vote
-from ltnet_keras.multi_atlas import (RegistrationCache, SynSettings, ants_multi_atlas,
+from ltnet_keras.inference.fusion import JointFusionSettings, joint_label_fusion, majority_vote
+from ltnet_keras.baselines.multi_atlas import (RegistrationCache, SynSettings, ants_multi_atlas,
                                      ranked_atlases, register_atlas)
 
-EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+EXPERIMENTS = Path(__file__).resolve().parents[2] / "experiments"
 # 40^3 phantoms register in well under a second at 1 mm. (Coarser grids leave ANTs' 4x
 # shrunk affine level a handful of voxels: real scans at 3 mm have 13x16x13 there.)
 QUICK_SYN = SynSettings(spacing=1.0, iterations=(40, 20, 0))
@@ -158,8 +159,7 @@ def counting(monkeypatch):
             return function(*args, **kwargs)
         return wrapper
 
-    monkeypatch.setattr(multi_atlas, "register_atlas",
-                        counted("register", multi_atlas.register_atlas))
+    monkeypatch.setattr(syn, "register_atlas", counted("register", syn.register_atlas))
     monkeypatch.setattr(multi_atlas, "joint_label_fusion",
                         counted("jlf", multi_atlas.joint_label_fusion))
     monkeypatch.setattr(multi_atlas, "majority_vote",
@@ -227,7 +227,7 @@ def test_rows_register_once_fuse_both_ways_and_are_read_back(synthetic_root, tmp
 
 
 def test_ranked_atlases_put_the_given_atlas_first_then_the_ranking(synthetic_root):
-    from ltnet_keras.atlas import select_atlas
+    from ltnet_keras.data.atlas import select_atlas
     data = DataConfig(root=str(synthetic_root),
                       train_subjects=["SYN01", "SYN02", "SYN03", "SYN04"])
     files = find_subjects(synthetic_root)

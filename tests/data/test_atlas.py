@@ -2,7 +2,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from ltnet_keras.atlas import select_atlas
+from ltnet_keras.data.atlas import select_atlas
 
 
 def _pool(seed=0, shape=(12, 10, 8)):
