@@ -132,10 +132,11 @@ def parse_runs(items: Optional[Sequence[str]], table: str,
     return arguments.parse_runs(items, list(TABLE_ROWS[table]), suffixes)
 
 
-def run_table(table_name: str, config_paths: Sequence[Path], out_root, **kwargs):
+def run_table(table_name: str, config_paths: Sequence[Path], out_root,
+              overrides: Optional[dict] = None, **kwargs):
     """:func:`ltnet_keras.study.table_run.run_table` with this repository's paths in its notes."""
     recipe = kwargs.get("recipe")
     if recipe is not None and Path(recipe).resolve() == STAND_IN_RECIPE.resolve():
         kwargs.setdefault("recipe_stands_in_for", DEFAULT_RECIPE)
     kwargs.setdefault("root", REPO_ROOT)
-    return table_run.run_table(table_name, config_paths, out_root, **kwargs)
+    return table_run.run_table(table_name, config_paths, out_root, overrides, **kwargs)

@@ -26,12 +26,15 @@ re-run, or a run with more atlases, redoes nothing already done.
     python experiments/table3_multi_atlas.py --smoke --out /tmp/smoke/table3
 """
 import dataclasses
+from pathlib import Path
 
 
 from common import (NO_REGISTRATION, PAPER_REFERENCE, build_parser,
                     collect_rows, config_paths, overrides_from_args, parse_runs, parse_set,
                     run_atlas, write_provenance)
-from ltnet_keras.inference.fusion import JointFusionSettings
+from ltnet_keras.inference.fusion import FUSIONS, JointFusionSettings
+from ltnet_keras.inference.refine import RefineSettings
+from ltnet_keras.study.refine_sweep import set_threads
 from ltnet_keras.baselines.multi_atlas import (SMOKE_SYN, SynSettings, ants_multi_atlas, ants_row_name,
                                      learned_multi_atlas, ranked_atlases)
 from ltnet_keras.study.multi_atlas_table import Table3Row, write_outputs
@@ -39,6 +42,7 @@ from ltnet_keras.study.multi_atlas_table import Table3Row, write_outputs
 TABLE = "table3"
 # --smoke: two validation scans (SMOKE_OVERRIDES holds out one), so min/max/std mean something.
 SMOKE_HELD_OUT = ["S13", "S14"]
+FUSION_NAMES = {"majority": "majority vote", "jlf": "JLF"}
 PAPER_TIMING = ("The paper: MABMIS ~14 min per case with 2 atlases on an Intel Core i3-4150 CPU; "
                 "LT-Net ~4 s per case on a Tesla P40 GPU.")
 
@@ -48,11 +52,20 @@ def main(argv=None):
     parser.add_argument("--atlases", nargs="+", type=int, default=[2, 3, 4, 5],
                         help="numbers of atlases k of the fused rows (default 2 3 4 5; the "
                              "1-atlas rows are always there)")
+    parser.add_argument("--pairwise-run", type=Path, metavar="RUN_DIR",
+                        help="a G_F trained with the atlases as moving images "
+                             "(experiments/configs/multi_atlas/); adds its majority-vote rows")
+    parser.add_argument("--no-refine", action="store_true",
+                        help="leave out the rows with test-time refinement of G_F's field")
     parser.add_argument("--syn-spacing", type=float,
                         help="voxel size (mm) of the SyN registration (default 3; 6 with --smoke)")
     parser.add_argument("--syn-iterations", type=int, nargs=3, metavar=("COARSE", "MID", "FINE"),
                         help="SyN iterations per level (default 100 70 50; 20 10 0 with --smoke)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads for TensorFlow and ITK alike, so every row's seconds are "
+                             "on the same footing (default 1)")
     args = parser.parse_args(argv)
+    set_threads(args.threads)
     overrides = overrides_from_args(args)
     if args.smoke and "data.val_subjects" not in parse_set(args.set):
         overrides["data.val_subjects"] = SMOKE_HELD_OUT
@@ -69,6 +82,13 @@ def main(argv=None):
     ks = sorted({k for k in args.atlases if 2 <= k <= len(atlases)})
     classical = ants_multi_atlas(config.data, atlases, [1, *ks], args.out / "ants", syn, jlf)
     learned = learned_multi_atlas(run_dir, config, [1, *ks], args.out / "ltnet_gf", atlases)
+    refine = None if args.no_refine else RefineSettings()
+    refined = None if refine is None else learned_multi_atlas(
+        run_dir, config, [1, *ks], args.out / "ltnet_gf", atlases, refine, FUSIONS, jlf)
+    # A G_F trained with the same atlases as moving images (data.extra_atlases), beside the
+    # one-atlas G_F's majority-vote rows (both without refinement).
+    pairwise = None if args.pairwise_run is None else learned_multi_atlas(
+        args.pairwise_run, config, [1, *ks], args.out / "pairwise_gf", atlases)
 
     def mabmis(k):
         return f"MABMIS, {k} atlases" if f"MABMIS, {k} atlases" in PAPER_REFERENCE[TABLE] else None
@@ -77,7 +97,7 @@ def main(argv=None):
         return Table3Row(label, row.scores, paper, atlases=k, seconds=row.seconds_per_case,
                          seconds_by_subject=row.seconds)
 
-    gf_one = learned.rows[1]
+    gf_one = learned.row("majority", 1)
     rows = [Table3Row(NO_REGISTRATION, baseline, None, "floor: affine pre-alignment only"),
             Table3Row("LT-Net (1 atlas)", scores["ltnet"], "LT-Net, 1 atlas",
                       seconds=gf_one.seconds_per_case, seconds_by_subject=gf_one.seconds),
@@ -86,13 +106,24 @@ def main(argv=None):
                       mabmis(k)) for k in ks]
     rows += [from_row(f"ANTs SyN + majority vote, {k} atlases",
                       classical[ants_row_name("majority", k)], k, mabmis(k)) for k in ks]
-    rows += [from_row(f"LT-Net G_F + majority vote, {k} atlases (extra)", learned.rows[k], k,
-                      mabmis(k)) for k in ks]
+    rows += [from_row(f"LT-Net G_F + majority vote, {k} atlases (extra)",
+                      learned.row("majority", k), k, mabmis(k)) for k in ks]
+    if refined is not None:
+        rows.append(from_row("LT-Net G_F + refine (1 atlas)", refined.row("majority", 1), 1,
+                             None))
+        rows += [from_row(f"LT-Net G_F + refine + {FUSION_NAMES[f]}, {k} atlases",
+                          refined.row(f, k), k, mabmis(k)) for f in FUSIONS for k in ks]
+    if pairwise is not None:
+        rows += [from_row(f"G_F trained on {len(atlases)} atlases + majority vote, {k} atlases",
+                          pairwise.row("majority", k), k, mabmis(k)) for k in [1, *ks]]
     k_max = ks[-1] if ks else 1
     structure_rows = [NO_REGISTRATION, "LT-Net (1 atlas)", "ANTs SyN (1 atlas)"]
     if ks:
         structure_rows += [f"ANTs SyN + JLF, {k_max} atlases",
                            f"ANTs SyN + majority vote, {k_max} atlases"]
+    if refined is not None:
+        structure_rows += ["LT-Net G_F + refine (1 atlas)"] + (
+            [f"LT-Net G_F + refine + JLF, {k_max} atlases"] if ks else [])
 
     notes = [
         "Not MABMIS: ANTs SyN registration of each atlas to the validation scan, then joint label "
@@ -106,7 +137,7 @@ def main(argv=None):
         "atlas' labels.",
         f"Atlases in order: {', '.join(atlases)} (the LT-Net run's atlas, then the training "
         "scans by similarity to the pool's average); k atlases = the first k.",
-        "s/case: wall-clock seconds per validation scan on this machine with one thread: for the "
+        "s/case: wall-clock seconds per validation scan on this machine (threads below): for the "
         "ANTs rows the k registrations (resampling, SyN, warping labels and image to 1 mm; "
         "timed when computed, also when read back from the cache) plus the fusion; for LT-Net "
         "its G_F segmentation of the scan (CPU, after one untimed call); for the G_F rows k such "
@@ -114,6 +145,19 @@ def main(argv=None):
         "The LT-Net G_F + majority vote rows are extra: G_F was trained with one atlas only, "
         "so the other atlases are outside its training distribution.",
     ]
+    if refine is not None:
+        notes.append(
+            "G_F + refine: each atlas' G_F field refined on the scan before its labels are "
+            "warped (ltnet_keras.inference.refine: "
+            + ", ".join(f"{key} {value}" for key, value in refine.to_dict().items()) + "); "
+            "s/case includes the network, the refinement, the label warp and the fusion.")
+    if pairwise is not None:
+        notes.append(
+            f"G_F trained on {len(atlases)} atlases ({args.pairwise_run}): VoxelMorph's objective "
+            "trained pairwise, each pair's moving image one of the atlases (data.extra_atlases; "
+            "experiments/configs/multi_atlas/); beside the LT-Net G_F + majority vote rows, whose "
+            "G_F saw only the first atlas. Neither is refined.")
+    notes.append(f"Threads: {args.threads} for TensorFlow and ITK alike (--threads).")
     title = (f"Table 3: multi-atlas comparison — LT-Net run {run_dir}, atlas "
              f"{run_atlas(run_dir)}, {len(config.data.val_subjects)} validation subjects, network "
              f"grid {config.data.network_shape}, {config.train.steps} steps")
@@ -123,7 +167,10 @@ def main(argv=None):
         "syn": syn.to_dict(), "jlf": jlf.to_dict(),
         "seconds_per_case": {row.label: row.seconds for row in rows},
         "seconds_per_scan_and_atlas_gf": learned.seconds_per_scan_and_atlas,
-        "row_dirs": {"ants": str(args.out / "ants"), "ltnet_gf": str(args.out / "ltnet_gf")}})
+        "row_dirs": {"ants": str(args.out / "ants"), "ltnet_gf": str(args.out / "ltnet_gf"),
+                     "pairwise_gf": str(args.out / "pairwise_gf")},
+        "pairwise_run": None if args.pairwise_run is None else str(args.pairwise_run),
+        "refine": None if refine is None else refine.to_dict(), "threads": args.threads})
     print(markdown)
 
 

@@ -63,9 +63,11 @@ _STARTUP_NOISE = re.compile(
 _THIRD_PARTY_WARNINGS = r"(tensorflow|tf_keras|keras|neurite|voxelmorph|absl|h5py|ants|google)"
 
 
-def set_tensorflow_log_level(level: str = "2"):
-    """``TF_CPP_MIN_LOG_LEVEL`` for TensorFlow's C++ log (2: errors only), unless the user set
-    one; no effect once TensorFlow is loaded."""
+def set_tensorflow_log_level(level: str = "3"):
+    """``TF_CPP_MIN_LOG_LEVEL`` for TensorFlow's C++ log, unless the user set one; no effect
+    once TensorFlow is loaded. 3 also hides C++ ERROR lines: during training grappler logs
+    failed graph rewrites as errors ("remapper failed") that change nothing for the user, and
+    a real failure reaches Python as an exception with its message anyway."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", level)
 
 

@@ -29,10 +29,15 @@ class DataConfig:
     ``align``: ``"none"`` when the scans already share the atlas' space (LPBA40); ``"affine"``
     registers every scan affinely to the atlas first (ANTs; cached in the run directory), so a
     folder of raw scans in any orientation, voxel size and head position trains.
+    ``extra_atlases``: further labelled subjects that training draws, beside ``atlas``, as the
+    moving image of each pair (pairwise training, as VoxelMorph is trained), so one G_F serves
+    several atlases at test time (``ltnet segment --atlases``); ``atlas`` stays the one
+    ``segment`` uses by default. They leave the unlabelled pool (``align: none`` only).
     """
     root: str = ""
     labels_tsv: str = ""
     atlas: str = "auto"
+    extra_atlases: List[str] = field(default_factory=list)
     train_subjects: List[str] = field(default_factory=lambda: [f"S{i}" for i in range(11, 31)])
     val_subjects: List[str] = field(default_factory=lambda: [f"S{i}" for i in range(31, 41)])
     crop_shape: Tuple[int, int, int] = (160, 192, 160)
@@ -260,6 +265,12 @@ def validate(config: ExperimentConfig) -> None:
     _check_choice(config.segment.label_interp, SEGMENT_INTERPOLATIONS, "segment.label_interp")
     _check_choice(config.network.disc_norm, ("instance", "batch", "none"), "network.disc_norm")
     _check_choice(config.data.align, ALIGN_MODES, "data.align")
+    extra = list(config.data.extra_atlases)
+    if extra and config.data.align != "none":
+        raise ValueError("data.extra_atlases needs data.align: none (scans in one space)")
+    if set(extra) & set(config.data.val_subjects) or len(set(extra)) != len(extra):
+        raise ValueError(f"data.extra_atlases {extra}: each at most once, none of them a "
+                         f"validation subject ({list(config.data.val_subjects)})")
     if config.data.align != "none" and config.data.atlas == "auto":
         # select_atlas compares scans voxel by voxel, which only means something once they
         # share a space, and aligning them needs the atlas: name it.

@@ -328,7 +328,8 @@ def train(config: ExperimentConfig, run_dir, strategy=None, verbose: int = 1,
         "labels": shown_path(data.atlas.label_path, root),
         "labels_tsv": shown_path(config.data.resolved_labels_tsv(), root),
         "label_ids": [int(i) for i in data.table.ids], "grid": data.atlas.grid.to_dict(),
-        "targets": [t.subject for t in data.targets]})
+        "targets": [t.subject for t in data.targets],
+        "extra_atlases": [a.subject for a in data.extra_atlases]})
 
     tracked = {"model": model, "generator_optimizer": model.generator_optimizer}
     if model.discriminator_optimizer is not None:

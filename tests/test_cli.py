@@ -197,3 +197,48 @@ def test_segment_from_a_fresh_shell_prints_no_tensorflow_log(lpba40_root, tmp_pa
     assert noise == [], noise
     assert any("S31.nii.gz ->" in line for line in printed), printed
     assert (tmp_path / "seg" / "S31.nii.gz").exists()
+
+
+def _segment_args(*extra):
+    return cli.build_parser().parse_args(["segment", "--run", "r", "--image", "a.nii.gz",
+                                          "--out", "o", *extra])
+
+
+def test_refine_options_build_the_settings():
+    assert cli.refine_settings(_segment_args()) is None
+    settings = cli.refine_settings(_segment_args("--refine", "--refine-levels", "8:30,2:15",
+                                                 "--refine-lr", "0.2", "--refine-diffeomorphic"))
+    assert settings.levels == ((8, 30), (2, 15))
+    assert settings.learning_rate == 0.2 and settings.diffeomorphic is True
+    from ltnet_keras.inference.refine import RefineSettings
+    defaults = cli.refine_settings(_segment_args("--refine"))
+    assert defaults == RefineSettings()
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--refine-lr", "0.2"], "--refine-lr: these options need --refine"),
+    (["--refine", "--refine-levels", "4-60"], "FACTOR:STEPS pairs"),
+    (["--refine", "--refine-levels", "3:20"], "valid: 1, 2, 4, 8"),
+    (["--refine", "--refine-levels", "2:20,4:20"], "coarse to fine"),
+    (["--refine", "--refine-lr", "-1"], "learning_rate must be > 0"),
+])
+def test_bad_refine_options_are_refused_with_the_valid_ones(extra, message):
+    with pytest.raises(ValueError, match=message):
+        cli.refine_settings(_segment_args(*extra))
+
+
+@pytest.mark.slow
+def test_segment_with_refine_splits_the_seconds_and_writes_labels(lpba40_root, tmp_path,
+                                                                   capsys):
+    from pathlib import Path
+    run = Path(__file__).resolve().parents[1] / "results" / "recipe" / "voxelmorph"
+    code = cli.main(["segment", "--run", str(run), "--align", "none", "--image",
+                     str(lpba40_root / "images" / "S31.nii.gz"), "--out", str(tmp_path),
+                     "--refine", "--refine-levels", "4:10,2:5"])
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    line = next(line for line in printed.out.splitlines() if "S31.nii.gz ->" in line)
+    for stage in ("network", "refine", "warp", "write"):
+        assert f"{stage} " in line, line
+    assert "refined field folds" in line
+    assert (tmp_path / "S31.nii.gz").exists()

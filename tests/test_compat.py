@@ -123,4 +123,4 @@ def test_tensorflow_log_level_respects_the_users_value(monkeypatch):
     assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "0"
     monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL")
     _compat.set_tensorflow_log_level()
-    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "2"
+    assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3"

@@ -27,7 +27,8 @@ import numpy as np
 
 from ltnet_keras import evaluation
 from ltnet_keras.data.errors import VolumeError
-from ltnet_keras.inference.fusion import JointFusionSettings, joint_label_fusion, majority_vote
+from ltnet_keras.inference.fusion import (JointFusionSettings, fuse_atlases,  # noqa: F401
+                                          joint_label_fusion, majority_vote, similarity_order)
 from ltnet_keras.records import atomic_write_text, read_keyed_record, shown_path
 from ltnet_keras.baselines.syn import (SMOKE_SYN, RegistrationCache, SynSettings,  # noqa: F401
                                        WarpedAtlas, register_atlas)
@@ -60,17 +61,6 @@ def ranked_atlases(data, first: Optional[str], k_max: int) -> List[str]:
     if k_max > len(order):
         print(f"only {len(order)} training scans can serve as atlases; k capped at {len(order)}")
     return order[:int(k_max)]
-
-
-def similarity_order(warped_images: Sequence[np.ndarray], target: np.ndarray) -> List[int]:
-    """Indices of ``warped_images`` by decreasing Pearson correlation with ``target`` (stable:
-    equal ones keep their order). Majority vote gives ties to the earliest map, i.e. to the
-    atlas that after registration looks most like the target."""
-    from ltnet_keras.data.atlas import _ncc
-    target = np.asarray(target, np.float64)
-    similarity = [_ncc(np.asarray(image, np.float64), target) for image in warped_images]
-    similarity = [-np.inf if np.isnan(s) else s for s in similarity]
-    return sorted(range(len(similarity)), key=lambda i: -similarity[i])
 
 
 # ----------------------------------------------------------------------------- rows
@@ -187,15 +177,9 @@ def ants_multi_atlas(data, atlases: Sequence[str], ks: Sequence[int], out_dir,
         for method, k in missing:
             name = ants_row_name(method, k)
             clock = time.perf_counter()
-            order = similarity_order([w.image for w in warped[:k]], target_normalised)
-            maps = [warped[i].labels for i in order]
-            if method == "single":
-                fused = maps[0]
-            elif method == "jlf":
-                fused = joint_label_fusion(target_normalised, [warped[i].image for i in order],
-                                           maps, target.affine, jlf)
-            else:
-                fused = majority_vote(maps)
+            fused = fuse_atlases([w.labels for w in warped[:k]], [w.image for w in warped[:k]],
+                                 target_normalised, "majority" if method == "single" else method,
+                                 target.affine, jlf)
             fusion_seconds = time.perf_counter() - clock
             row = results[name]
             row.scores.append(evaluation.evaluate_pair(fused, truth, table, files.id))
@@ -218,46 +202,55 @@ def ants_multi_atlas(data, atlases: Sequence[str], ks: Sequence[int], out_dir,
 
 @dataclass
 class LearnedFusion:
-    """Majority-vote rows with a trained G_F as the registration: ``rows[k]`` (scores and
-    seconds per subject: k G_F segmentations + the vote), the ``atlases`` in order and the mean
-    seconds of one G_F segmentation (per scan and atlas). Unpacks as ``(scores, atlases,
-    seconds_per_scan_and_atlas)``, the triple callers of ``common.multi_atlas_scores`` got."""
-    rows: Dict[int, MultiAtlasRow]
+    """Multi-atlas rows with a trained G_F (optionally refined per scan) as the registration:
+    ``rows[name]`` (scores and seconds per subject: k segmentations + the fusion; names from
+    :func:`learned_row_name`), the ``atlases`` in order and the mean seconds of one
+    segmentation (per scan and atlas). Unpacks as ``(scores, atlases,
+    seconds_per_scan_and_atlas)`` with the majority-vote rows' scores by k."""
+    rows: Dict[str, MultiAtlasRow]
     atlases: List[str]
     seconds_per_scan_and_atlas: float
+    refined: bool = False
+
+    def row(self, fusion: str, k: int) -> MultiAtlasRow:
+        return self.rows[learned_row_name(k, fusion, self.refined)]
 
     @property
     def scores(self) -> Dict[int, List[evaluation.SubjectScores]]:
-        return {k: row.scores for k, row in self.rows.items()}
-
-    @property
-    def seconds_per_case(self) -> Dict[int, float]:
-        return {k: row.seconds_per_case for k, row in self.rows.items()}
+        return {len(row.atlases): row.scores for name, row in self.rows.items()
+                if "_jlf_" not in name}
 
     def __iter__(self):
         return iter((self.scores, self.atlases, self.seconds_per_scan_and_atlas))
 
 
-def learned_row_name(k: int) -> str:
-    return "ltnet_gf_k1" if k == 1 else f"ltnet_gf_majority_k{k}"
+def learned_row_name(k: int, fusion: str = "majority", refined: bool = False) -> str:
+    """``ltnet_gf_k1``, ``ltnet_gf_majority_k3``, ``ltnet_gf_refine_jlf_k5``, ..."""
+    stem = "ltnet_gf_refine" if refined else "ltnet_gf"
+    return f"{stem}_k1" if k == 1 else f"{stem}_{fusion}_k{k}"
 
 
 def learned_multi_atlas(run_dir, config, ks: Sequence[int], out_dir=None,
-                        atlases: Optional[Sequence[str]] = None) -> LearnedFusion:
-    """Majority-vote multi-atlas segmentation with a trained LT-Net forward generator.
+                        atlases: Optional[Sequence[str]] = None, refine=None,
+                        fusions: Sequence[str] = ("majority",),
+                        jlf: Optional[JointFusionSettings] = None) -> LearnedFusion:
+    """Multi-atlas segmentation with a trained LT-Net forward generator.
 
     The atlases are ``atlases`` or the top ``max(ks)`` of :func:`ranked_atlases` (the run's
-    own atlas first, so k = 1 is plain LT-Net). Each is passed to G_F as the moving image, its
-    labels are warped onto each validation scan (Eq. 2) and the first ``k`` warped label maps
-    are fused by :func:`majority_vote`; ties go to the atlas whose warped image correlates best
-    with the scan. Each atlas' G_F is called once, untimed, before the timed scans (graph
-    tracing). This is NOT MABMIS (groupwise registration + iterative groupwise segmentation);
-    for k > 1 it uses k labelled scans, so it leaves the one-shot setting, as multi-atlas
-    methods do. With ``out_dir`` the rows are kept in ``out_dir/<row>/`` and read back.
+    own atlas first, so k = 1 is plain LT-Net). Each is passed to G_F as the moving image; with
+    ``refine`` (:class:`~ltnet_keras.inference.refine.RefineSettings`) its field is refined on
+    each scan; its labels are warped onto each validation scan (Eq. 2) and the first ``k``
+    warped label maps are fused by each of ``fusions`` (:func:`fuse_atlases`: majority vote
+    with ties to the atlas whose warped image correlates best with the scan, or joint label
+    fusion). Each atlas' segmenter runs once, untimed, before the timed scans (tracing). This
+    is NOT MABMIS; for k > 1 it uses k labelled scans, so it leaves the one-shot setting, as
+    multi-atlas methods do. With ``out_dir`` the rows are kept in ``out_dir/<row>/`` and read
+    back while run, atlases, subjects and settings stay the same.
     """
     from ltnet_keras.data.dataset import subject_files
     from ltnet_keras.data.io import load_image, load_label_map
     from ltnet_keras.data.labels import LabelTable
+    from ltnet_keras.data.preprocess import normalise_intensity
     from ltnet_keras.inference.segment import Segmenter, warp_image
     from ltnet_keras.training import FORWARD_WEIGHTS
 
@@ -265,6 +258,7 @@ def learned_multi_atlas(run_dir, config, ks: Sequence[int], out_dir=None,
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
         raise ValueError(f"numbers of atlases must be >= 1; got {ks}")
+    jlf = jlf or JointFusionSettings()
     if atlases is None:
         own = json.loads((run_dir / "atlas.json").read_text())["atlas"]
         atlases = ranked_atlases(config.data, own, max(ks))
@@ -273,16 +267,22 @@ def learned_multi_atlas(run_dir, config, ks: Sequence[int], out_dir=None,
     subjects = list(config.data.val_subjects)
     interp = config.segment.label_interp
     weights = run_dir / FORWARD_WEIGHTS
-    keys = {k: _json({"method": "ltnet_gf_majority", "run_dir": shown_path(run_dir),
-                      "weights_mtime_ns": weights.stat().st_mtime_ns if weights.exists() else None,
-                      "label_interp": interp, "atlases": atlases[:k], "subjects": subjects})
-            for k in ks}
+    refined = refine is not None
+    wanted = [(("majority" if k == 1 else fusion), k) for k in ks
+              for fusion in (["majority"] if k == 1 else fusions)]
+    base = {"run_dir": shown_path(run_dir), "label_interp": interp, "subjects": subjects,
+            "weights_mtime_ns": weights.stat().st_mtime_ns if weights.exists() else None,
+            "refine": refine.to_dict() if refined else None}
+    keys = {learned_row_name(k, f, refined): _json({
+        **base, "method": "ltnet_gf_" + f, "atlases": atlases[:k],
+        **({"jlf": jlf.to_dict()} if f == "jlf" and k > 1 else {})}) for f, k in wanted}
     if out_dir is not None:
-        kept = {k: _read_row(Path(out_dir) / learned_row_name(k), keys[k]) for k in ks}
+        kept = {name: _read_row(Path(out_dir) / name, key) for name, key in keys.items()}
         if all(row is not None for row in kept.values()):
             print(f"[G_F multi-atlas] rows finished, reading them from {out_dir}")
+            first = kept[learned_row_name(ks[0], "majority", refined)]
             return LearnedFusion(kept, atlases,
-                                 float(kept[ks[0]].extra["seconds_per_scan_and_atlas"]))
+                                 float(first.extra["seconds_per_scan_and_atlas"]), refined)
 
     table = LabelTable.from_tsv(config.data.resolved_labels_tsv())
     segmenters = []
@@ -290,14 +290,17 @@ def learned_multi_atlas(run_dir, config, ks: Sequence[int], out_dir=None,
         if files.label is None:
             raise VolumeError(files.image, f"atlas candidate {files.id} has no label map")
         segmenters.append(Segmenter(run_dir, atlas_image=str(files.image),
-                                    atlas_labels=str(files.label), label_interp=interp))
+                                    atlas_labels=str(files.label), label_interp=interp,
+                                    refine=refine))
     targets = subject_files(config.data, subjects)
     for segmenter in segmenters:
         segmenter.segment(targets[0].image)
-    rows = {k: MultiAtlasRow(learned_row_name(k), atlases[:k], [], {}) for k in ks}
+    rows = {name: MultiAtlasRow(name, atlases[:k], [], {})
+            for name, (_, k) in zip(keys, wanted)}
     per_atlas = []
     for files in targets:
-        target = load_image(files.image).array
+        target = load_image(files.image)
+        normalised = normalise_intensity(target.array, source=target.path)
         truth = load_label_map(files.label).array
         maps, warped_images, seconds = [], [], []
         for segmenter in segmenters:
@@ -305,19 +308,20 @@ def learned_multi_atlas(run_dir, config, ks: Sequence[int], out_dir=None,
             result = segmenter.segment(files.image)
             seconds.append(time.perf_counter() - clock)
             maps.append(result.labels)
-            warped_images.append(warp_image(segmenter.atlas_image, result.sampling_positions))
+            warped_images.append(normalise_intensity(
+                warp_image(segmenter.atlas_image, result.sampling_positions)))
         per_atlas += seconds
-        for k in ks:
+        for name, (fusion, k) in zip(keys, wanted):
             clock = time.perf_counter()
-            order = similarity_order(warped_images[:k], target)
-            fused = majority_vote([maps[i] for i in order])
-            rows[k].seconds[files.id] = sum(seconds[:k]) + time.perf_counter() - clock
-            rows[k].scores.append(evaluation.evaluate_pair(fused, truth, table, files.id))
+            fused = fuse_atlases(maps[:k], warped_images[:k], normalised, fusion,
+                                 target.affine, jlf)
+            rows[name].seconds[files.id] = sum(seconds[:k]) + time.perf_counter() - clock
+            rows[name].scores.append(evaluation.evaluate_pair(fused, truth, table, files.id))
         print(f"[G_F multi-atlas] {files.id}: " + ", ".join(
-            f"k={k} {100 * r.scores[-1].mean_structure:.1f}" for k, r in rows.items()))
+            f"{name} {100 * r.scores[-1].mean_structure:.1f}" for name, r in rows.items()))
     seconds_per_scan_and_atlas = float(np.mean(per_atlas)) if per_atlas else float("nan")
     if out_dir is not None:
-        for k, row in rows.items():
+        for name, row in rows.items():
             row.extra["seconds_per_scan_and_atlas"] = seconds_per_scan_and_atlas
-            _write_row(Path(out_dir) / learned_row_name(k), keys[k], row)
-    return LearnedFusion(rows, atlases, seconds_per_scan_and_atlas)
+            _write_row(Path(out_dir) / name, keys[name], row)
+    return LearnedFusion(rows, atlases, seconds_per_scan_and_atlas, refined)

@@ -4,7 +4,7 @@ Pairs are drawn as a pure function of (seed, step), so a resumed run sees exactl
 uninterrupted run would have seen.
 """
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -118,6 +118,9 @@ class TrainingData:
     atlas_one_hot: np.ndarray
     targets: List[PreparedSubject]
     table: LabelTable
+    #: ``data.extra_atlases``: further moving images of the pairs, with their one-hot labels.
+    extra_atlases: List[PreparedSubject] = field(default_factory=list)
+    extra_one_hot: List[np.ndarray] = field(default_factory=list)
 
     @property
     def target_images(self) -> np.ndarray:
@@ -134,7 +137,9 @@ def load_training_data(config: DataConfig, atlas: Optional[str] = None,
     check_subject_files(subject_files(config, config.train_subjects), table)
     atlas = atlas or resolve_atlas(config)
     atlas_subject, = prepare_subjects(config, [atlas], with_labels=True, table=table)
-    pool = [s for s in config.train_subjects if s != atlas]
+    extra_ids = [s for s in config.extra_atlases if s != atlas]
+    extra = prepare_subjects(config, extra_ids, with_labels=True, table=table)
+    pool = [s for s in config.train_subjects if s != atlas and s not in extra_ids]
     if not pool:
         raise ValueError("the training pool is empty once the atlas is taken out")
     # The pool is used without labels: this is the one-shot setting.
@@ -144,7 +149,8 @@ def load_training_data(config: DataConfig, atlas: Optional[str] = None,
     else:
         targets = prepare_subjects(config, pool, with_labels=False)
     one_hot = table.one_hot(atlas_subject.labels, source=atlas_subject.label_path)
-    return TrainingData(atlas_subject, one_hot, targets, table)
+    extra_one_hot = [table.one_hot(s.labels, source=s.label_path) for s in extra]
+    return TrainingData(atlas_subject, one_hot, targets, table, extra, extra_one_hot)
 
 
 def pair_indices(n_targets: int, seed: int, start: int, stop: int):
@@ -158,20 +164,34 @@ def pair_indices(n_targets: int, seed: int, start: int, stop: int):
 def training_dataset(data: TrainingData, global_batch: int, seed: int, start_step: int,
                      stop_step: int):
     """``tf.data`` of ``{"atlas", "atlas_labels", "atlas_label_index", "target"}`` batches,
-    one pair per replica (``atlas_label_index``: the one-hot channel of each atlas voxel)."""
+    one pair per replica (``atlas_label_index``: the one-hot channel of each atlas voxel).
+    With ``data.extra_atlases`` each pair's atlas is drawn too (the same stateless way, from a
+    second stream), among the atlas and the extra atlases."""
     import tensorflow as tf
-    atlas = tf.constant(data.atlas.image[..., None])
-    atlas_labels = tf.constant(data.atlas_one_hot)
-    atlas_label_index = tf.constant(np.argmax(data.atlas_one_hot, -1).astype(np.int32))
+    if not data.extra_atlases:
+        atlas = tf.constant(data.atlas.image[..., None])
+        atlas_labels = tf.constant(data.atlas_one_hot)
+        atlas_label_index = tf.constant(np.argmax(data.atlas_one_hot, -1).astype(np.int32))
+    else:
+        moving = [data.atlas, *data.extra_atlases]
+        images = tf.constant(np.stack([a.image[..., None] for a in moving]))
+        one_hots = tf.constant(np.stack([data.atlas_one_hot, *data.extra_one_hot]))
+        indices = tf.constant(np.argmax(one_hots.numpy(), -1).astype(np.int32))
     targets = tf.constant(data.target_images[..., None])
 
-    def pair(index):
-        return {"atlas": atlas, "atlas_labels": atlas_labels,
-                "atlas_label_index": atlas_label_index, "target": tf.gather(targets, index)}
+    def pair(draw, index):
+        if not data.extra_atlases:
+            return {"atlas": atlas, "atlas_labels": atlas_labels,
+                    "atlas_label_index": atlas_label_index, "target": tf.gather(targets, index)}
+        which = tf.random.stateless_uniform([], seed=tf.stack([tf.cast(seed, tf.int64) + 1, draw]),
+                                            maxval=len(moving), dtype=tf.int64)
+        return {"atlas": tf.gather(images, which), "atlas_labels": tf.gather(one_hots, which),
+                "atlas_label_index": tf.gather(indices, which), "target": tf.gather(targets, index)}
 
-    indices = pair_indices(len(data.targets), seed, start_step * global_batch,
-                           stop_step * global_batch)
-    return (indices.map(pair, num_parallel_calls=tf.data.AUTOTUNE)
+    start, stop = start_step * global_batch, stop_step * global_batch
+    draws = tf.data.Dataset.zip((tf.data.Dataset.range(start, stop),
+                                 pair_indices(len(data.targets), seed, start, stop)))
+    return (draws.map(pair, num_parallel_calls=tf.data.AUTOTUNE)
             .batch(global_batch, drop_remainder=True).prefetch(2))
 
 

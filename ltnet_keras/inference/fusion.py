@@ -7,7 +7,7 @@ which runs ANTs' ``antsJointFusion`` (loaded lazily, with one ITK thread, see
 """
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -221,3 +221,43 @@ def joint_label_fusion(target_image, atlas_images: Sequence[np.ndarray],
     region = fused_region[box]
     result[box][region] = fused[region]
     return result
+
+
+#: How :func:`fuse_atlases` combines several atlases' label maps.
+FUSIONS = ("majority", "jlf")
+
+
+def similarity_order(warped_images: Sequence[np.ndarray], target: np.ndarray) -> List[int]:
+    """Indices of ``warped_images`` by decreasing Pearson correlation with ``target`` (stable:
+    equal ones keep their order). Majority vote gives ties to the earliest map, i.e. to the
+    atlas that after registration looks most like the target."""
+    from ltnet_keras.data.atlas import _ncc
+    target = np.asarray(target, np.float64)
+    similarity = [_ncc(np.asarray(image, np.float64), target) for image in warped_images]
+    similarity = [-np.inf if np.isnan(s) else s for s in similarity]
+    return sorted(range(len(similarity)), key=lambda i: -similarity[i])
+
+
+def fuse_atlases(label_maps: Sequence[np.ndarray], warped_images: Sequence[np.ndarray],
+                 target_image: np.ndarray, method: str = "majority", affine=None,
+                 settings: Optional[JointFusionSettings] = None) -> np.ndarray:
+    """One label map from k atlases registered to a target, all on the target's grid.
+
+    The atlases are first ordered by how much their warped image looks like the target
+    (:func:`similarity_order`); ``method`` ``"majority"``: :func:`majority_vote` (ties to the
+    most similar atlas), ``"jlf"``: :func:`joint_label_fusion` (``target_image`` and
+    ``warped_images`` on one intensity scale). One atlas' map is returned as it is.
+    """
+    if method not in FUSIONS:
+        raise ValueError(f"unknown fusion {method!r}; valid: {', '.join(FUSIONS)}")
+    if len(label_maps) != len(warped_images):
+        raise ValueError(f"one warped image per label map needed; got {len(warped_images)} "
+                         f"images and {len(label_maps)} label maps")
+    order = similarity_order(warped_images, target_image)
+    maps = [label_maps[i] for i in order]
+    if len(maps) == 1:
+        return np.asarray(maps[0]).copy()
+    if method == "jlf":
+        return joint_label_fusion(target_image, [warped_images[i] for i in order], maps, affine,
+                                  settings)
+    return majority_vote(maps)

@@ -28,6 +28,8 @@ from ltnet_keras.data.io import (Volume, load_image, load_subject, output_suffix
                                  subject_id)
 from ltnet_keras.data.labels import LabelTable
 from ltnet_keras.data.preprocess import brain_bbox
+from ltnet_keras.inference.refine import (RefineResult, RefineSettings, crop_image,
+                                          refine_field)
 from ltnet_keras.inference.transfer import (_check_method, field_at_points,  # noqa: F401
                                             field_to_grid, sampling_grid, warp_image,
                                             warp_label_map, warp_labels_tf)
@@ -60,8 +62,11 @@ class Segmentation:
     seconds: Dict[str, float] = field(default_factory=dict)
     alignment: Optional[Alignment] = None
     aligned_image: Optional[np.ndarray] = None
-    #: The field as G_F predicted it, ``(x, y, z, 3)`` in voxels of the network grid.
+    #: The field the labels were warped with, ``(x, y, z, 3)`` in voxels of its grid: G_F's
+    #: on the network grid, or with refinement the refined one on refinement's finest grid.
     network_field: Optional[np.ndarray] = None
+    #: With refinement: how it went (:class:`~ltnet_keras.inference.refine.RefineResult`).
+    refinement: Optional[RefineResult] = None
 
     @property
     def sampling_positions(self) -> np.ndarray:
@@ -190,7 +195,8 @@ class Segmenter:
     def __init__(self, run_dir, atlas_image=None, atlas_labels=None,
                  label_interp: Optional[str] = None, jit_compile: bool = False,
                  align: Optional[str] = None,
-                 registration: Optional[RegistrationSettings] = None, alignment_cache=None):
+                 registration: Optional[RegistrationSettings] = None, alignment_cache=None,
+                 refine: Optional[RefineSettings] = None):
         import tensorflow as tf
 
         from ltnet_keras.models.generators import make_generator
@@ -224,13 +230,15 @@ class Segmenter:
         self.atlas_labels = atlas_label_volume.array
         first, stop = brain_bbox(self.atlas_labels > 0)
         self._labelled_box = (np.array(first, np.float64), np.array(stop, np.float64) - 1.0)
+        self.refine = refine
+        # The atlas as refinement compares it with each scan: its normalised full-resolution crop.
+        self._atlas_crop = crop_image(self.atlas_image, self.atlas.grid) if refine else None
         self.generator = make_generator(self.atlas.image.shape, self.config.network,
                                         "forward_generator")
         self.generator.load_weights(str(run_dir / FORWARD_WEIGHTS))
         atlas_input = tf.constant(self.atlas.image[None, ..., None])
         atlas_labels_tensor = tf.constant(self.atlas_labels.astype(np.int32))
         generator, method = self.generator, self.label_interp
-        factor = data.factor
 
         # Each graph is traced once per grid shape; later scans reuse it.
         @tf.function(jit_compile=jit_compile, reduce_retracing=True)
@@ -238,21 +246,23 @@ class Segmenter:
             return generator([atlas_input, target], training=False)[0]
 
         # XLA fuses the up-sampling and the 8-corner label vote into a few loops over the grid.
+        # ``factor``: the field's grid (the network's, or refinement's finer one) on the crop;
+        # a Python int, so each factor gets its own trace.
         @tf.function(jit_compile=True)
-        def transfer(field_network, original_shape, crop_start, offset):
+        def transfer(field_network, original_shape, crop_start, offset, factor):
             forward_field = field_to_grid(field_network, original_shape, crop_start, factor)
             positions = sampling_grid(original_shape) + forward_field + offset
             return warp_labels_tf(atlas_labels_tensor, positions, method), forward_field
 
         @tf.function(jit_compile=True)
-        def field_on_grid(field_network, original_shape, crop_start):
+        def field_on_grid(field_network, original_shape, crop_start, factor):
             return field_to_grid(field_network, original_shape, crop_start, factor)
 
         # One chunk of scan voxels (flat indices into the box ``box_start + [0, box_shape)``):
         # scan voxel -> atlas-grid point (inverse affine) -> + forward field -> atlas labels.
         @tf.function(jit_compile=True)
         def transfer_through(field_network, scan_to_atlas, box_start, box_shape, first,
-                             crop_start, offset):
+                             crop_start, offset, factor):
             flat = tf.minimum(first + tf.range(TRANSFER_CHUNK, dtype=tf.int32),
                               tf.reduce_prod(box_shape) - 1)
             k = flat % box_shape[2]
@@ -278,10 +288,30 @@ class Segmenter:
         Refuses (VolumeError naming the file) what ``data.io`` refuses, a constant image, and
         a scan too small for the atlas' field of view (:func:`check_field_of_view`).
         """
+        return self._load_and_prepare(image_path)[1]
+
+    def _load_and_prepare(self, image_path):
         image = load_image(image_path)
         check_field_of_view(image, self.atlas_volume)
         data = self.config.data
-        return prepare_volumes(image, None, data.crop_shape, data.factor, subject_id(image_path))
+        return image, prepare_volumes(image, None, data.crop_shape, data.factor,
+                                      subject_id(image_path))
+
+    def field_for(self, target: PreparedSubject, image: np.ndarray, seconds: dict):
+        """The forward field labels are warped with, and its grid's factor on the crop: G_F's
+        on the network grid, refined on ``image`` (the scan at full resolution on the grid
+        ``target.grid`` maps back to) when this segmenter refines. Adds ``network`` (and
+        ``refine``) to ``seconds``."""
+        clock = time.perf_counter()
+        field_network = self.forward_field(target)
+        field_network = np.asarray(field_network)
+        seconds["network"] = time.perf_counter() - clock
+        if self.refine is None:
+            return field_network, self.config.data.factor, None
+        result = refine_field(self._atlas_crop, crop_image(image, target.grid), field_network,
+                              self.refine)
+        seconds["refine"] = result.seconds
+        return result.field, result.factor, result
 
     def segment(self, image_path) -> Segmentation:
         """Label map of one scan on its own grid (Eq. 2), aligned first if ``self.align``."""
@@ -293,23 +323,23 @@ class Segmenter:
         """The scan is taken to be in the atlas' space already; the field is in its voxels."""
         seconds = {}
         clock = time.perf_counter()
-        target = self.prepare(image_path)
+        image, target = self._load_and_prepare(image_path)
         seconds["read_prepare"] = time.perf_counter() - clock
 
+        field, factor, refined = self.field_for(target, image.array, seconds)
         clock = time.perf_counter()
-        field_network = self.forward_field(target)
         # Both crops are centred on their own brain: network voxel p is original voxel
         # start + factor * p (+ block centre) in each, hence a constant offset between them.
         offset = (np.array(self.atlas.grid.crop_start)
                   - np.array(target.grid.crop_start)).astype(np.float32)
         labels, forward_field = self._transfer(
-            field_network, tuple(target.grid.original_shape),
-            np.array(target.grid.crop_start, dtype=np.int32), offset)
+            field, tuple(target.grid.original_shape),
+            np.array(target.grid.crop_start, dtype=np.int32), offset, factor)
         labels, forward_field = labels.numpy(), forward_field.numpy()
-        seconds["network_and_warp"] = time.perf_counter() - clock
+        seconds["warp"] = time.perf_counter() - clock
         return Segmentation(target.subject, labels.astype(self.atlas_labels.dtype),
                             target.affine, target.header, forward_field, offset, seconds,
-                            network_field=np.asarray(field_network))
+                            network_field=field, refinement=refined)
 
     def alignment(self, scan) -> Alignment:
         """The affine registration of a loaded scan to the atlas (from the cache if kept)."""
@@ -336,29 +366,27 @@ class Segmenter:
                                  subject_id(image_path))
         seconds["to_atlas_space"] = time.perf_counter() - clock
 
+        field, factor, refined = self.field_for(target, aligned.array, seconds)
         clock = time.perf_counter()
-        field_network = self.forward_field(target)
         offset = (np.array(self.atlas.grid.crop_start)
                   - np.array(target.grid.crop_start)).astype(np.float32)
-        forward_field = self._field_on_grid(field_network, tuple(target.grid.original_shape),
-                                            np.array(target.grid.crop_start, np.int32)).numpy()
-        seconds["network"] = time.perf_counter() - clock
-
-        clock = time.perf_counter()
-        labels = self._labels_through(alignment, field_network, target.grid.crop_start, offset)
+        forward_field = self._field_on_grid(field, tuple(target.grid.original_shape),
+                                            np.array(target.grid.crop_start, np.int32),
+                                            factor).numpy()
+        labels = self._labels_through(alignment, field, target.grid.crop_start, offset, factor)
         seconds["labels_to_scan_grid"] = time.perf_counter() - clock
         return Segmentation(target.subject, labels.astype(self.atlas_labels.dtype),
                             scan.affine, scan.header, forward_field, offset, seconds,
-                            alignment, aligned.array, network_field=np.asarray(field_network))
+                            alignment, aligned.array, network_field=field, refinement=refined)
 
     def _labels_through(self, alignment: Alignment, field_network, crop_start,
-                        offset) -> np.ndarray:
+                        offset, factor) -> np.ndarray:
         """Atlas labels on the scan's grid: every scan voxel that can see the atlas grid looks
         the labels up at inverse-affine + forward-field; the rest is background."""
         # Only atlas points that the field can carry onto a labelled voxel can get a label: the
         # atlas' labelled box widened by the largest displacement (and the offset between the
         # crops). The scan voxels mapping outside it are background and need no lookup.
-        reach = (np.abs(np.asarray(field_network)).max(axis=(0, 1, 2)) * self.config.data.factor
+        reach = (np.abs(np.asarray(field_network)).max(axis=(0, 1, 2)) * factor
                  + np.abs(offset) + 2.0)
         low, high = self._labelled_box
         grid_low, grid_high = np.full(3, -0.5), np.asarray(self.atlas_labels.shape) - 0.5
@@ -375,7 +403,7 @@ class Segmenter:
             chunk = self._transfer_through(
                 field_network, scan_to_atlas, start.astype(np.int32),
                 box_shape.astype(np.int32), np.int32(first), np.array(crop_start, np.int32),
-                offset).numpy()
+                offset, factor).numpy()
             box[first:first + TRANSFER_CHUNK] = chunk[:total - first]
         labels[tuple(slice(a, b) for a, b in zip(start, stop))] = box.reshape(box_shape)
         return labels
@@ -391,18 +419,26 @@ class Segmenter:
         :func:`plan_output_paths`); existing files are replaced."""
         result = self.segment(image_path)
         paths = paths or output_paths(image_path, out_dir, result.subject)
-        clock = time.perf_counter()
-        save_volume(result.labels, paths["labels"], result.affine, result.header)
-        # With an alignment, the field and the warped atlas live on the atlas grid.
-        field_affine = result.affine if result.alignment is None else self.atlas_volume.affine
-        if save_warped_atlas:
-            save_volume(warp_image(self.atlas_image, result.sampling_positions),
-                        paths["warped_atlas"], field_affine)
-        if save_field:
-            save_volume(result.forward_field, paths["forward_field"], field_affine)
-        if save_aligned and result.alignment is not None:
-            save_volume(result.aligned_image, paths["aligned"], self.atlas_volume.affine)
-            from ltnet_keras.records import atomic_write_text
-            atomic_write_text(paths["alignment"], json.dumps(result.alignment.to_dict(), indent=2))
-        result.seconds["write"] = time.perf_counter() - clock
+        write_segmentation(result, paths, self.atlas_image, self.atlas_volume.affine,
+                           save_warped_atlas, save_field, save_aligned)
         return result
+
+
+def write_segmentation(result: Segmentation, paths: Dict[str, Path], atlas_image, atlas_affine,
+                       save_warped_atlas=False, save_field=False, save_aligned=False) -> None:
+    """Write a result's label map and, if asked, the warped atlas, the forward field and the
+    aligned scan (see :meth:`Segmenter.segment_to_files`); adds ``write`` to its seconds."""
+    clock = time.perf_counter()
+    save_volume(result.labels, paths["labels"], result.affine, result.header)
+    # With an alignment, the field and the warped atlas live on the atlas grid.
+    field_affine = result.affine if result.alignment is None else atlas_affine
+    if save_warped_atlas:
+        save_volume(warp_image(atlas_image, result.sampling_positions), paths["warped_atlas"],
+                    field_affine)
+    if save_field:
+        save_volume(result.forward_field, paths["forward_field"], field_affine)
+    if save_aligned and result.alignment is not None:
+        save_volume(result.aligned_image, paths["aligned"], atlas_affine)
+        from ltnet_keras.records import atomic_write_text
+        atomic_write_text(paths["alignment"], json.dumps(result.alignment.to_dict(), indent=2))
+    result.seconds["write"] = time.perf_counter() - clock

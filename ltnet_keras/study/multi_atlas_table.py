@@ -43,7 +43,8 @@ def write_outputs(out: Path, title: str, rows: Sequence[Table3Row], notes: Seque
     text = [f"# {title}", "",
             "Dice (%) on the LPBA40 validation subjects: each subject's mean over the merged "
             "(left/right) structures; Mean (std), Min and Max over subjects (std with ddof=0). "
-            "s/case: mean seconds per validation scan on this machine, one CPU core.", "",
+            "s/case: mean seconds per validation scan on this machine (threads: see the notes); "
+            "`table3_dice_seconds.png` plots Dice against them.", "",
             VALIDATION_NOTE, "",
             *lines, "", f"Note: {PAPER_NOTE}", ""]
     text += [f"Note: {n}" for n in notes] + [""]
@@ -71,6 +72,7 @@ def write_outputs(out: Path, title: str, rows: Sequence[Table3Row], notes: Seque
     atomic_write_text(out / f"{TABLE}_subjects.csv", csv_text(
         ["method", "atlases", "subject", "mean_structure", "mean_label", "seconds"], per_subject))
     box_plot(out / f"{TABLE}_boxplot.png", rows)
+    dice_seconds_plot(out / f"{TABLE}_dice_seconds.png", rows)
     return markdown
 
 
@@ -90,3 +92,39 @@ def box_plot(path: Path, rows: Sequence[Table3Row]) -> None:
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def dice_seconds_plot(path: Path, rows: Sequence[Table3Row]) -> None:
+    """Mean Dice (%) against seconds per case (log scale), one point per timed row, ANTs rows
+    as squares and ours as circles, k atlases written beside each point."""
+    from matplotlib.figure import Figure
+    timed = [row for row in rows if row.seconds and row.scores]
+    fig = Figure(figsize=(8.0, 5.0))
+    ax = fig.subplots()
+    for row in timed:
+        ants = row.label.startswith("ANTs")
+        refined = "refine" in row.label
+        colour = "tab:grey" if ants else ("tab:red" if refined else "tab:blue")
+        if "JLF" in row.label:
+            marker = "s" if ants else "D"
+        else:
+            marker = "^" if ants else "o"
+        ax.scatter(row.seconds, row.summary["mean"], c=colour, marker=marker, s=36,
+                   edgecolors="black", linewidths=0.4)
+        ax.annotate(str(row.atlases), (row.seconds, row.summary["mean"]), fontsize=7,
+                    xytext=(4, 3), textcoords="offset points")
+    handles = [("ANTs SyN (+ majority vote)", "tab:grey", "^"), ("ANTs SyN + JLF", "tab:grey", "s"),
+               ("LT-Net G_F (+ majority vote)", "tab:blue", "o"),
+               ("G_F + refine (+ majority vote)", "tab:red", "o"),
+               ("G_F + refine + JLF", "tab:red", "D")]
+    for label, colour, marker in handles:
+        ax.scatter([], [], c=colour, marker=marker, s=36, edgecolors="black", linewidths=0.4,
+                   label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("seconds per case (this machine, same threads for every row; log scale)")
+    ax.set_ylabel("mean Dice over merged structures (%)")
+    ax.set_title("Table 3: Dice against time (numbers: atlases)", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)

@@ -1,0 +1,109 @@
+"""Several labelled atlases for one scan: each atlas' labels are warped onto the scan by G_F's
+(optionally refined) forward field for that atlas, then fused per voxel by majority vote or
+joint label fusion (:func:`ltnet_keras.inference.fusion.fuse_atlases`).
+
+G_F takes the atlas as its moving input, so one trained run serves any atlas of the run's
+protocol; the atlases are ranked per scan by how much their warped image looks like it.
+"""
+import dataclasses
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from ltnet_keras.data.atlas import _ncc
+from ltnet_keras.data.errors import VolumeError
+from ltnet_keras.data.io import find_subjects, load_image
+from ltnet_keras.data.preprocess import normalise_intensity
+from ltnet_keras.inference.fusion import (FUSIONS, JointFusionSettings, fuse_atlases,
+                                          majority_vote)
+from ltnet_keras.inference.segment import (Segmentation, Segmenter, output_paths, warp_image,
+                                           write_segmentation)
+
+
+def atlas_files(items: Sequence[str], data_root) -> List[Tuple[str, str]]:
+    """``(image, labels)`` paths of each atlas a user names in one line: a subject id of the
+    data root (``S13``: ``images/S13.*`` with ``labels/S13.*``) or ``IMAGE:LABELS``."""
+    subjects = None
+    pairs = []
+    for item in items:
+        if ":" in item:
+            image, labels = item.split(":", 1)
+            for path in (image, labels):
+                if not Path(path).is_file():
+                    raise VolumeError(path, f"atlas {item!r}: no such file")
+            pairs.append((image, labels))
+            continue
+        if subjects is None:
+            subjects = find_subjects(data_root) if Path(data_root).is_dir() else {}
+        found = subjects.get(item)
+        if found is None or found.label is None:
+            raise ValueError(f"atlas {item!r}: no subject of that id with a label map under "
+                             f"{data_root}; give a subject id of the data root or IMAGE:LABELS")
+        pairs.append((str(found.image), str(found.label)))
+    if len(pairs) != len(set(pairs)):
+        raise ValueError(f"atlases {list(items)}: the same atlas is given twice")
+    return pairs
+
+
+class MultiAtlasSegmenter:
+    """One :class:`Segmenter` per atlas (same run, same options), fused by ``fusion``.
+
+    ``fusion="jlf"`` needs scans in the atlases' space (``align="none"``): with an affine
+    alignment each atlas' warped image lives on its own atlas grid, not on the scan's.
+    """
+
+    def __init__(self, run_dir, atlases: Sequence[Tuple[str, str]], fusion: str = "majority",
+                 jlf: Optional[JointFusionSettings] = None, **segmenter_options):
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}; valid: {', '.join(FUSIONS)}")
+        if not atlases:
+            raise ValueError("at least one atlas is needed")
+        self.segmenters = [Segmenter(run_dir, atlas_image=image, atlas_labels=labels,
+                                     **segmenter_options) for image, labels in atlases]
+        if fusion == "jlf" and self.segmenters[0].align != "none":
+            raise ValueError("joint label fusion needs scans in the atlas' space (--align "
+                             "none); with --align affine use --fusion majority")
+        self.fusion, self.jlf = fusion, jlf or JointFusionSettings()
+        first = self.segmenters[0]
+        self.atlas_image, self.atlas_volume = first.atlas_image, first.atlas_volume
+
+    def prepare(self, image_path):
+        return self.segmenters[0].prepare(image_path)
+
+    def segment(self, image_path) -> Segmentation:
+        """Every atlas' label map of the scan, fused; seconds are summed over the atlases,
+        plus ``fusion``. The other outputs (field, warped atlas) are the first atlas'."""
+        results = [segmenter.segment(image_path) for segmenter in self.segmenters]
+        clock = time.perf_counter()
+        maps = [result.labels for result in results]
+        warped = [normalise_intensity(warp_image(s.atlas_image, r.sampling_positions))
+                  for s, r in zip(self.segmenters, results)]
+        if results[0].alignment is None:
+            scan = load_image(image_path)
+            fused = fuse_atlases(maps, warped, normalise_intensity(scan.array), self.fusion,
+                                 scan.affine, self.jlf)
+        else:
+            # Each atlas saw the scan in its own space: rank them there, then vote.
+            similarity = [_ncc(np.asarray(w, np.float64), np.asarray(r.aligned_image, np.float64))
+                          for w, r in zip(warped, results)]
+            order = sorted(range(len(maps)), key=lambda i: -np.nan_to_num(similarity[i], nan=-2))
+            fused = majority_vote([maps[i] for i in order])
+        seconds: Dict[str, float] = {}
+        for result in results:
+            for stage, value in result.seconds.items():
+                seconds[stage] = seconds.get(stage, 0.0) + value
+        seconds["fusion"] = time.perf_counter() - clock
+        return dataclasses.replace(results[0], labels=fused.astype(results[0].labels.dtype),
+                                   seconds=seconds)
+
+    def segment_to_files(self, image_path, out_dir, save_warped_atlas=False, save_field=False,
+                         save_aligned=False, paths: Optional[Dict[str, Path]] = None
+                         ) -> Segmentation:
+        """As :meth:`Segmenter.segment_to_files`; the optional outputs are the first atlas'."""
+        result = self.segment(image_path)
+        paths = paths or output_paths(image_path, out_dir, result.subject)
+        write_segmentation(result, paths, self.atlas_image, self.atlas_volume.affine,
+                           save_warped_atlas, save_field, save_aligned)
+        return result
