@@ -65,7 +65,10 @@ def main(argv=None):
                         help="threads for TensorFlow and ITK alike, so every row's seconds are "
                              "on the same footing (default 1)")
     args = parser.parse_args(argv)
-    set_threads(args.threads)
+    try:
+        set_threads(args.threads)
+    except RuntimeError:   # TensorFlow already running in this process (e.g. under pytest)
+        print(f"NOTE: TensorFlow had started; --threads {args.threads} applies to ITK only")
     overrides = overrides_from_args(args)
     if args.smoke and "data.val_subjects" not in parse_set(args.set):
         overrides["data.val_subjects"] = SMOKE_HELD_OUT
@@ -82,7 +85,9 @@ def main(argv=None):
     ks = sorted({k for k in args.atlases if 2 <= k <= len(atlases)})
     classical = ants_multi_atlas(config.data, atlases, [1, *ks], args.out / "ants", syn, jlf)
     learned = learned_multi_atlas(run_dir, config, [1, *ks], args.out / "ltnet_gf", atlases)
-    refine = None if args.no_refine else RefineSettings()
+    # --smoke: two short levels, enough to check the rows end to end.
+    refine = None if args.no_refine else (
+        RefineSettings(levels=((8, 5), (4, 5))) if args.smoke else RefineSettings())
     refined = None if refine is None else learned_multi_atlas(
         run_dir, config, [1, *ks], args.out / "ltnet_gf", atlases, refine, FUSIONS, jlf)
     # A G_F trained with the same atlases as moving images (data.extra_atlases), beside the

@@ -28,6 +28,7 @@ import numpy as np
 import tensorflow as tf
 
 from ltnet_keras.data.preprocess import normalise_intensity
+from ltnet_keras.models import trilinear
 from ltnet_keras.inference.refine_equations import (  # noqa: F401  (the equations, re-exported)
     NCC_EPSILON, box_sum, box_sum_axis, corner_table, diffusion_and_gradient, folding_fraction,
     integrate_velocity, ncc_and_gradient, objective, smooth, smooth_transpose, target_sums,
@@ -206,11 +207,35 @@ def _chain(field, derivative, similarity, d_warped, weight):
 
 
 @_compiled
-def _integrate_with_vjp(velocity, upstream, steps):
+def _square(field):
+    """One scaling-and-squaring step ``u + u(grid + u)`` of ``(3, x, y, z)``."""
+    moved = tf.transpose(field, [1, 2, 3, 0])[None]
+    return field + tf.transpose(trilinear.warp(moved, moved)[0], [3, 0, 1, 2])
+
+
+@_compiled
+def _square_vjp(field, upstream):
     with tf.GradientTape() as tape:
-        tape.watch(velocity)
-        field = integrate_velocity(velocity, steps)
-    return tape.gradient(field, velocity, output_gradients=upstream)
+        tape.watch(field)
+        out = _square(field)
+    return tape.gradient(out, field, output_gradients=upstream)
+
+
+def _integrate(velocity, steps: int):
+    """:func:`integrate_velocity` one squaring per XLA program (compiled together, XLA
+    recomputes each warp's chain inside the next one's gathers: ~100x slower); returns the
+    displacement and the fields before each squaring (for :func:`_integrate_vjp`)."""
+    fields = [velocity / float(2 ** steps)]
+    for _ in range(steps):
+        fields.append(_square(fields[-1]))
+    return fields[-1], fields[:-1]
+
+
+def _integrate_vjp(fields, upstream, steps: int):
+    """``dL/dv`` from ``dL/d(exp v)``, back through the squarings."""
+    for field in reversed(fields):
+        upstream = _square_vjp(field, upstream)
+    return upstream / float(2 ** steps)
 
 
 @_compiled
@@ -222,7 +247,6 @@ def _adam(delta, m, v, gradient, step, learning_rate):
     return delta - learning_rate * update, m, v
 
 
-_integrate = _compiled(integrate_velocity)
 _warp = _compiled(warp_and_derivative)
 _target_sums = _compiled(target_sums)
 _corner_table = _compiled(corner_table)
@@ -233,13 +257,14 @@ def _loss_and_gradient(table, target, sums, base, delta, settings: RefineSetting
     """Loss at ``base + smooth(delta)`` and its gradient with respect to ``delta``, chained
     by hand through the compiled pieces; also the displacement."""
     state = _state(base, delta, settings.smoothing_passes)
-    field = _integrate(state, settings.integration_steps) if settings.diffeomorphic else state
+    field, fields = ((state, None) if not settings.diffeomorphic
+                     else _integrate(state, settings.integration_steps))
     warped, derivative = _warp(table, field)
     similarity, d_warped = _ncc_piece(target, sums, warped, window)
     loss, gradient = _chain(field, derivative, similarity, d_warped,
                             tf.constant(settings.regularizer_weight, tf.float32))
     if settings.diffeomorphic:
-        gradient = _integrate_with_vjp(state, gradient, settings.integration_steps)
+        gradient = _integrate_vjp(fields, gradient, settings.integration_steps)
     return loss, _smooth_transpose(gradient, settings.smoothing_passes), state, field
 
 

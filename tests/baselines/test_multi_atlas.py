@@ -261,7 +261,9 @@ def test_table3_smoke_run_writes_every_row(lpba40_root, tmp_path, capsys):
     table3_multi_atlas.main(["--smoke", "--out", str(out), "--verbose", "0"])
     expected = ["Atlas labels, no registration", "LT-Net (1 atlas)", "ANTs SyN (1 atlas)",
                 "ANTs SyN + JLF, 2 atlases", "ANTs SyN + majority vote, 2 atlases",
-                "LT-Net G_F + majority vote, 2 atlases (extra)"]
+                "LT-Net G_F + majority vote, 2 atlases (extra)", "LT-Net G_F + refine (1 atlas)",
+                "LT-Net G_F + refine + majority vote, 2 atlases",
+                "LT-Net G_F + refine + JLF, 2 atlases"]
     markdown = (out / "table3.md").read_text()
     lines = [line.split("|")[1:-1] for line in markdown.splitlines() if line.startswith("| ")]
     assert [cells[0].strip() for cells in lines[1:]] == expected
@@ -272,12 +274,14 @@ def test_table3_smoke_run_writes_every_row(lpba40_root, tmp_path, capsys):
     for method in expected[1:]:
         assert float(by_method[method][2]) > 0                          # s/case
     csv_lines = (out / "table3.csv").read_text().splitlines()
-    assert csv_lines[0].startswith("method,atlases,seconds_per_case") and len(csv_lines) == 7
+    assert csv_lines[0].startswith("method,atlases,seconds_per_case") and len(csv_lines) == 10
     subjects = (out / "table3_subjects.csv").read_text().splitlines()
     assert len(subjects) == 1 + 2 * len(expected)
     assert (out / "table3_boxplot.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / "table3_dice_seconds.png").read_bytes()[:4] == b"\x89PNG"
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["atlases"] == ["S11", "S12"] and provenance["syn"]["spacing"] == 6.0
+    assert provenance["refine"]["levels"] == [[8, 5], [4, 5]]
     assert len(list((out / "ants" / "registrations").glob("*.json"))) == 4
     # A second run reads every row back and writes the same table.
     capsys.readouterr()

@@ -150,3 +150,15 @@ def test_early_stop_runs_fewer_steps():
     settings = R.RefineSettings(levels=((4, 200),), tolerance=0.5, patience=5)
     result = R.refine_field(atlas, target, np.zeros((8, 8, 8, 3), np.float32), settings)
     assert 5 < result.steps_per_level[0] < 200
+
+
+def test_diffeomorphic_integration_and_its_gradient_match_autodiff():
+    velocity, upstream = _random(3, 6, 7, 8, scale=0.8), _random(3, 6, 7, 8)
+    field, fields = R._integrate(velocity, 3)
+    with tf.GradientTape() as tape:
+        tape.watch(velocity)
+        reference = R.integrate_velocity(velocity, 3)
+        total = tf.reduce_sum(reference * upstream)
+    np.testing.assert_allclose(field, reference, atol=1e-5)
+    np.testing.assert_allclose(R._integrate_vjp(fields, upstream, 3),
+                               tape.gradient(total, velocity), atol=1e-4)
