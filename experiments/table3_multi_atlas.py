@@ -55,6 +55,8 @@ def main(argv=None):
     parser.add_argument("--pairwise-run", type=Path, metavar="RUN_DIR",
                         help="a G_F trained with the atlases as moving images "
                              "(experiments/configs/multi_atlas/); adds its majority-vote rows")
+    parser.add_argument("--note", action="append", default=[], metavar="TEXT",
+                        help="a note to add under the table (e.g. how loaded the machine was)")
     parser.add_argument("--no-refine", action="store_true",
                         help="leave out the rows with test-time refinement of G_F's field")
     parser.add_argument("--syn-spacing", type=float,
@@ -119,7 +121,8 @@ def main(argv=None):
         rows += [from_row(f"LT-Net G_F + refine + {FUSION_NAMES[f]}, {k} atlases",
                           refined.row(f, k), k, mabmis(k)) for f in FUSIONS for k in ks]
     if pairwise is not None:
-        rows += [from_row(f"G_F trained on {len(atlases)} atlases + majority vote, {k} atlases",
+        rows += [from_row(f"G_F trained on {len(atlases)} atlases"
+                          + (f" + majority vote, {k} atlases" if k > 1 else " (1 atlas)"),
                           pairwise.row("majority", k), k, mabmis(k)) for k in [1, *ks]]
     k_max = ks[-1] if ks else 1
     structure_rows = [NO_REGISTRATION, "LT-Net (1 atlas)", "ANTs SyN (1 atlas)"]
@@ -163,6 +166,7 @@ def main(argv=None):
             "experiments/configs/multi_atlas/); beside the LT-Net G_F + majority vote rows, whose "
             "G_F saw only the first atlas. Neither is refined.")
     notes.append(f"Threads: {args.threads} for TensorFlow and ITK alike (--threads).")
+    notes += args.note
     title = (f"Table 3: multi-atlas comparison — LT-Net run {run_dir}, atlas "
              f"{run_atlas(run_dir)}, {len(config.data.val_subjects)} validation subjects, network "
              f"grid {config.data.network_shape}, {config.train.steps} steps")
