@@ -91,7 +91,6 @@ def cmd_segment(args):
     options = {"label_interp": args.label_interp, "align": args.align,
                "refine": refine_settings(args)}
     if args.atlases:
-        from ltnet_keras.config import load_config
         from ltnet_keras.inference.multi_atlas import MultiAtlasSegmenter, atlas_files
         if args.atlas_image or args.atlas_labels:
             raise ValueError("--atlases replaces --atlas-image / --atlas-labels; give one or the "
@@ -229,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("--refine", action="store_true", help="refine each scan's field")
     refine.add_argument("--refine-levels", metavar="F:S,...",
                         help="FACTOR:STEPS per level, coarse to fine (factor = voxel size in mm "
-                        "at 1 mm: 1, 2, 4 or 8), e.g. 4:60,2:40")
+                        "at 1 mm: 1, 2, 4 or 8); default 8:40,4:30,2:15")
     refine.add_argument("--refine-lr", type=float, help="Adam step, in voxels of each level")
     refine.add_argument("--refine-window", type=float, help="local NCC window (mm)")
     refine.add_argument("--refine-weight", type=float, help="diffusion regulariser weight")
