@@ -218,7 +218,7 @@ class LearnedFusion:
     @property
     def scores(self) -> Dict[int, List[evaluation.SubjectScores]]:
         return {len(row.atlases): row.scores for name, row in self.rows.items()
-                if "_jlf_" not in name}
+                if name == learned_row_name(len(row.atlases), "majority", self.refined)}
 
     def __iter__(self):
         return iter((self.scores, self.atlases, self.seconds_per_scan_and_atlas))
