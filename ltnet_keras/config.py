@@ -20,12 +20,25 @@ def default_data_root() -> Path:
     return Path(__file__).resolve().parents[2] / "shared" / "data" / "lpba40"
 
 
+def _beside_default_root(path: str) -> Path:
+    """An absolute root as it is; a relative one (``freesurfer``) names a collection beside the
+    default data root (``../shared/data/freesurfer``, or beside ``$LTNET_DATA``), so a config
+    file that uses two collections holds no path of one machine."""
+    path = Path(path)
+    return path if path.is_absolute() else default_data_root().parent / path
+
+
 @dataclass
 class DataConfig:
     """Where the scans are and how they reach the network grid.
 
     ``atlas``: a subject id, or ``"auto"`` for the training scan closest to the pool's average.
     ``train_subjects`` are used WITHOUT labels; ``val_subjects`` labels serve only evaluation.
+    ``train_root``: where the training scans are when not under ``root`` (the atlas and the
+    validation subjects are): an atlas of one protocol (a FreeSurfer subject) trained with
+    unlabelled scans from another collection; needs ``align: affine`` and a named atlas.
+    A relative ``root`` / ``train_root`` names a collection beside the default data root
+    (``freesurfer``, ``lpba40``); the command line's ``--data`` is taken as given.
     ``align``: ``"none"`` when the scans already share the atlas' space (LPBA40); ``"affine"``
     registers every scan affinely to the atlas first (ANTs; cached in the run directory), so a
     folder of raw scans in any orientation, voxel size and head position trains.
@@ -35,6 +48,7 @@ class DataConfig:
     ``segment`` uses by default. They leave the unlabelled pool (``align: none`` only).
     """
     root: str = ""
+    train_root: str = ""
     labels_tsv: str = ""
     atlas: str = "auto"
     extra_atlases: List[str] = field(default_factory=list)
@@ -45,7 +59,10 @@ class DataConfig:
     align: str = "none"
 
     def resolved_root(self) -> Path:
-        return Path(self.root) if self.root else default_data_root()
+        return _beside_default_root(self.root) if self.root else default_data_root()
+
+    def resolved_train_root(self) -> Path:
+        return _beside_default_root(self.train_root) if self.train_root else self.resolved_root()
 
     def resolved_labels_tsv(self) -> Path:
         return Path(self.labels_tsv) if self.labels_tsv else self.resolved_root() / "labels.tsv"
@@ -271,6 +288,9 @@ def validate(config: ExperimentConfig) -> None:
     if set(extra) & set(config.data.val_subjects) or len(set(extra)) != len(extra):
         raise ValueError(f"data.extra_atlases {extra}: each at most once, none of them a "
                          f"validation subject ({list(config.data.val_subjects)})")
+    if config.data.train_root and config.data.align != "affine":
+        raise ValueError("data.train_root (training scans from another collection) needs "
+                         "data.align: affine, which brings them into the atlas' space")
     if config.data.align != "none" and config.data.atlas == "auto":
         # select_atlas compares scans voxel by voxel, which only means something once they
         # share a space, and aligning them needs the atlas: name it.

@@ -337,22 +337,17 @@ def _pair_paths(pred: Path, truth: Path, strict: bool) -> List[tuple]:
 
 
 def _known_labels(volume, table, unknown_labels) -> np.ndarray:
-    """The label map of ``volume`` with ids absent from ``table`` refused (``"error"``) or set
-    to background 0 with a warning (``"background"``)."""
-    unknown = table.unknown_ids(volume.array)
-    if not unknown:
-        return volume.array
+    """The label map of ``volume`` with ids absent from ``table`` set to background 0, said
+    once per file (``"background"``, :meth:`LabelTable.restrict`), or refused (``"error"``)."""
     if unknown_labels == "error":
         table.check_ids(volume.array, source=volume.path,
                         hint="to score them as background use unknown_labels='background' "
                              "(ltnet evaluate --unknown-labels background)")
-    warnings.warn(f"{volume.path}: label ids {unknown} are not in the label table; scored as "
-                  "background")
-    return np.where(np.isin(volume.array, unknown), 0, volume.array)
+    return table.restrict(volume.array, source=volume.path)
 
 
 def evaluate_folders(pred, truth, table, strict=False,
-                     unknown_labels="error") -> List[SubjectScores]:
+                     unknown_labels="background") -> List[SubjectScores]:
     """Dice of predicted label maps against truth; ``pred`` and ``truth`` are files or folders.
 
     Folders are matched by subject id (file name without extension, exact match); a folder
@@ -360,9 +355,9 @@ def evaluate_folders(pred, truth, table, strict=False,
     Truth subjects without a prediction raise a VolumeError when ``strict``, else are skipped
     with a warning. Each prediction must be on its truth's grid: same shape, voxel centres
     within a tenth of a voxel (``io.check_same_grid``; a VolumeError names both files and the
-    offset in mm). Label ids absent from ``table`` in either map are refused (VolumeError naming
-    the file and the ids), or with ``unknown_labels="background"`` scored as background with a
-    warning.
+    offset in mm). Label ids absent from ``table`` in either map are scored as background with
+    one warning per file (a protocol such as FreeSurfer's 28 labels leaves out some of aseg's
+    ids), or with ``unknown_labels="error"`` refused (VolumeError naming the file and the ids).
     """
     from ltnet_keras.data.io import check_same_grid, load_label_map
 

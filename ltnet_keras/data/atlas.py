@@ -110,3 +110,31 @@ def select_atlas(images, measure="ncc", factor=1, normalise=True) -> AtlasChoice
     ranked = sorted(scores, key=lambda s: -np.inf if np.isnan(scores[s]) else scores[s],
                     reverse=True)
     return AtlasChoice(ranked[0], {s: scores[s] for s in ranked}, measure)
+
+
+def select_atlas_aligned(images, passes: int = 2, factor: int = 2) -> AtlasChoice:
+    """:func:`select_atlas` for scans that do NOT share a space (a FreeSurfer collection: every
+    subject in its own conformed space): each scan is aligned affinely (ANTs,
+    :func:`ltnet_keras.data.align.register_affine`) to a reference, the average is taken there
+    and the scan closest to it (NCC) is chosen. The first reference is the first scan; each
+    further pass aligns to the previous pass' choice, so the result does not hinge on which scan
+    happened to be first (the scores of the last pass are returned).
+
+    ``images``: mapping subject id -> image path, or a sequence of paths.
+    """
+    from ltnet_keras.data.align import register_affine, to_atlas_space
+    from ltnet_keras.data.io import load_image
+    items = _candidates(images)
+    volumes = {subject: load_image(path) for subject, path in items}
+    reference = items[0][0]
+    choice = None
+    for _ in range(max(int(passes), 1)):
+        fixed = volumes[reference]
+        aligned = {subject: (volume.array if subject == reference else
+                             to_atlas_space(volume, register_affine(volume, fixed)).array)
+                   for subject, volume in volumes.items()}
+        choice = select_atlas(aligned, "ncc", factor)
+        if choice.subject == reference:
+            break
+        reference = choice.subject
+    return choice

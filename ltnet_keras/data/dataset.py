@@ -51,9 +51,11 @@ def prepare_volumes(image: Volume, labels: Optional[Volume], crop_shape, factor,
         label_path=None if labels is None else labels.path, header=image.header)
 
 
-def subject_files(config: DataConfig, subjects: Sequence[str]) -> List[SubjectFiles]:
-    """The files of ``subjects`` under ``config.root``; unknown ids are an error listing them."""
-    root = config.resolved_root()
+def subject_files(config: DataConfig, subjects: Sequence[str],
+                  root=None) -> List[SubjectFiles]:
+    """The files of ``subjects`` under ``root`` (default ``config.root``); unknown ids are an
+    error listing them."""
+    root = Path(root) if root is not None else config.resolved_root()
     available = find_subjects(root)
     missing = [s for s in subjects if s not in available]
     if missing:
@@ -92,7 +94,7 @@ def prepare_aligned_subjects(config: DataConfig, subjects: Sequence[str], atlas_
     from ltnet_keras.data.align import AlignmentCache, register_affine, to_atlas_space
     cache = None if cache_dir is None else AlignmentCache(cache_dir)
     prepared = []
-    for files in subject_files(config, subjects):
+    for files in subject_files(config, subjects, config.resolved_train_root()):
         if cache is not None:
             aligned = cache.aligned_image(files.image, atlas_image)
         else:
@@ -134,7 +136,9 @@ def load_training_data(config: DataConfig, atlas: Optional[str] = None,
     ``config.align == "affine"`` the pool is aligned to the atlas first (kept in
     ``cache_dir``, the run directory's ``aligned/``, when given)."""
     table = LabelTable.from_tsv(config.resolved_labels_tsv())
-    check_subject_files(subject_files(config, config.train_subjects), table)
+    # A pool from another collection has its own label protocol (unused here): images only.
+    check_subject_files(subject_files(config, config.train_subjects, config.resolved_train_root()),
+                        None if config.train_root else table)
     atlas = atlas or resolve_atlas(config)
     atlas_subject, = prepare_subjects(config, [atlas], with_labels=True, table=table)
     extra_ids = [s for s in config.extra_atlases if s != atlas]

@@ -32,6 +32,10 @@ WRITABLE = (".nii.gz", ".nii", ".mgz")
 # more than this fraction of a voxel from one affine to the other: far below any real
 # misregistration, far above float round-off in headers written by different tools.
 GRID_TOLERANCE_VOXELS = 0.1
+# A FreeSurfer subject's skull-stripped T1 and its segmentation, first choice first; either
+# directly in the subject's folder or in its mri/ folder (a FreeSurfer SUBJECTS_DIR).
+FREESURFER_IMAGES = ("brainmask.mgz", "norm.mgz", "T1.mgz")
+FREESURFER_LABELS = ("aseg.mgz",)
 _FORMAT_NAMES = {".npz": "numpy .npz archive", ".mgz": "FreeSurfer .mgz image"}
 
 # What nibabel, gzip, zlib and numpy raise on truncated, corrupt or foreign files.
@@ -82,10 +86,16 @@ def _extension(path) -> Optional[str]:
 
 
 def subject_id(path) -> str:
-    """File name without .nii.gz/.nii/.mgz/.npz (or without its last suffix otherwise)."""
-    name = Path(path).name
-    ext = _extension(name)
-    return name[:-len(ext)] if ext else Path(name).stem
+    """File name without .nii.gz/.nii/.mgz/.npz (or without its last suffix otherwise); for
+    FreeSurfer's own file names (``sub-01/mri/brainmask.mgz``, ``sub-01/aseg.mgz``) the
+    subject's folder name, since every subject's file has the same name."""
+    path = Path(path)
+    if path.name in FREESURFER_IMAGES + FREESURFER_LABELS and path.parent.name:
+        folder = path.parent.parent if path.parent.name == "mri" else path.parent
+        if folder.name:
+            return folder.name
+    ext = _extension(path.name)
+    return path.name[:-len(ext)] if ext else Path(path.name).stem
 
 
 def output_suffix(input_path) -> str:
@@ -175,15 +185,16 @@ def load_label_map(path) -> Volume:
 
 def load_subject(image_path, label_path=None,
                  label_table: Optional[LabelTable] = None) -> Tuple[Volume, Optional[Volume]]:
-    """Image and (optional) label map of one subject, checked to share shape and affine and,
-    when ``label_table`` is given, to use only label ids of the table."""
+    """Image and (optional) label map of one subject, checked to share shape and affine. With
+    ``label_table``, ids the table leaves out become background (said once per file; a map
+    with no id of the table is refused: :meth:`LabelTable.restrict`)."""
     image = load_image(image_path)
     if label_path is None:
         return image, None
     label = load_label_map(label_path)
     check_same_grid(label, image, "label map", "image")
     if label_table is not None:
-        label_table.check_ids(label.array, source=str(label_path))
+        label.array = label_table.restrict(label.array, source=str(label_path))
     return image, label
 
 
@@ -277,19 +288,41 @@ def save_volume(array, path, affine, header=None) -> Path:
 
 
 def find_subjects(root) -> Dict[str, SubjectFiles]:
-    """Subjects under ``root/images`` (and their label maps in ``root/labels``, matched by
-    subject id), sorted by id."""
+    """Subjects of a data folder, sorted by id. Two layouts: ``root/images`` (and their label
+    maps in ``root/labels``, matched by subject id), or one folder per subject as FreeSurfer
+    writes them (``root/<id>/[mri/]brainmask.mgz`` with ``aseg.mgz``; see
+    :data:`FREESURFER_IMAGES`)."""
     root = Path(root)
     if not root.is_dir():
         raise VolumeError(root, "data folder not found")
     images_dir, labels_dir = root / "images", root / "labels"
     if not images_dir.is_dir():
-        raise VolumeError(images_dir, "folder of images not found")
+        subjects = _freesurfer_subjects(root)
+        if subjects:
+            return subjects
+        raise VolumeError(images_dir, "folder of images not found (and no subject folder "
+                                      f"holds FreeSurfer's {' or '.join(FREESURFER_IMAGES)})")
     images = _volumes_by_id(images_dir)
     if not images:
         raise VolumeError(images_dir, f"no volumes ({', '.join(EXTENSIONS)}) in this folder")
     labels = _volumes_by_id(labels_dir) if labels_dir.is_dir() else {}
     return {sid: SubjectFiles(sid, images[sid], labels.get(sid)) for sid in sorted(images)}
+
+
+def _first_file(folder: Path, names) -> Optional[Path]:
+    return next((folder / n for n in names if (folder / n).is_file()), None)
+
+
+def _freesurfer_subjects(root: Path) -> Dict[str, SubjectFiles]:
+    found = {}
+    for folder in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for place in (folder, folder / "mri"):
+            image = _first_file(place, FREESURFER_IMAGES)
+            if image is not None:
+                found[folder.name] = SubjectFiles(folder.name, image,
+                                                  _first_file(place, FREESURFER_LABELS))
+                break
+    return found
 
 
 def _volumes_by_id(folder: Path) -> Dict[str, Path]:

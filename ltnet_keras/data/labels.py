@@ -1,11 +1,22 @@
-"""Label tables: label ids <-> contiguous one-hot channels, and left/right structure merging."""
+"""Label tables: label ids <-> contiguous one-hot channels, and left/right structure merging.
+
+A label map may hold ids its protocol leaves out (FreeSurfer's aseg has choroid plexus, vessels
+and the corpus callosum beside the 28 protocol labels): those voxels are background, said once
+per file (:meth:`LabelTable.restrict`).
+"""
 import csv
+import warnings
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Set
 
 import numpy as np
 
 from ltnet_keras.data.errors import VolumeError
+
+
+# (file, ids) pairs already reported by LabelTable.restrict: a file read again (the atlas by
+# every experiment row, an evaluation rerun) is not reported again in the same process.
+_SAID: Set[tuple] = set()
 
 
 @dataclass
@@ -80,10 +91,31 @@ class LabelTable:
             raise VolumeError(source, f"label ids {unknown[:10]}{more} are not in the label "
                                       "table" + (f"; {hint}" if hint else ""))
 
-    def to_channels(self, label_map, source="") -> np.ndarray:
-        """Map label ids to channel indices; ids absent from the table are an error."""
+    def restrict(self, label_map, source="") -> np.ndarray:
+        """``label_map`` with the ids absent from the table set to background 0, said once per
+        ``source`` (a warning naming the file, the ids and their voxel counts). A map holding
+        no id of the table at all is refused (VolumeError): that is the wrong table, not a
+        protocol that leaves some structures out."""
         label_map = np.asarray(label_map)
-        self.check_ids(label_map, source)
+        unknown = self.unknown_ids(label_map)
+        if not unknown:
+            return label_map
+        unknown_voxels = np.isin(label_map, unknown)
+        if not np.any(label_map[~unknown_voxels]):
+            self.check_ids(label_map, source, hint="none of the map's ids is in the table: is "
+                                                   "it the label table of this protocol?")
+        key = (str(source), tuple(unknown))
+        if key not in _SAID:
+            _SAID.add(key)
+            more = f" and {len(unknown) - 12} more" if len(unknown) > 12 else ""
+            warnings.warn(f"{source}: label ids {unknown[:12]}{more} are not in the label table: "
+                          f"their {int(unknown_voxels.sum())} voxels are background", stacklevel=2)
+        return np.where(unknown_voxels, 0, label_map).astype(label_map.dtype, copy=False)
+
+    def to_channels(self, label_map, source="") -> np.ndarray:
+        """Map label ids to channel indices; ids absent from the table are background
+        (:meth:`restrict`)."""
+        label_map = self.restrict(label_map, source)
         return self._lookup[label_map.astype(np.int64)]
 
     def to_ids(self, channel_map) -> np.ndarray:

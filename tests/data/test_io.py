@@ -250,12 +250,27 @@ def test_affine_mismatch(tmp_path):
     assert io.load_subject(image, tmp_path / "near.nii.gz")[1] is not None
 
 
-def test_unknown_label_id(tmp_path):
+def test_unknown_label_ids_are_background_said_once(tmp_path):
     image = _nifti(tmp_path / "img.nii.gz", _image())
     labels = _labels()
     labels[0, 0, 0] = 99
+    labels[1, 0, 0] = 99
     path = _nifti(tmp_path / "seg.nii.gz", labels)
     table = LabelTable.from_ids([21, 22])
-    _raises(path, "label ids [99] are not in the label table",
-            call=lambda p: io.load_subject(image, p, table))
+    with pytest.warns(UserWarning, match=r"label ids \[99\] are not in the label table: their 2 "
+                                         "voxels are background"):
+        restricted = io.load_subject(image, path, table)[1].array
+    assert restricted[0, 0, 0] == 0 and restricted[1, 0, 0] == 0
+    np.testing.assert_array_equal(restricted[2:], labels[2:])
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")        # the same file again: not said twice
+        io.load_subject(image, path, table)
     assert io.load_subject(image, path, LabelTable.from_ids([21, 22, 99]))[1].array.max() == 99
+
+
+def test_label_map_with_no_id_of_the_table_is_refused(tmp_path):
+    image = _nifti(tmp_path / "img.nii.gz", _image())
+    path = _nifti(tmp_path / "seg.nii.gz", _labels())
+    _raises(path, "none of the map's ids is in the table",
+            call=lambda p: io.load_subject(image, p, LabelTable.from_ids([7, 8])))
