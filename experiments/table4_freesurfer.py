@@ -56,6 +56,8 @@ def main(argv=None):
     from ltnet_keras.study.arguments import overrides_from_args
     from ltnet_keras.study.refine_sweep import set_threads
     from ltnet_keras.study.table_run import install_run, train_and_score
+    if not args.train_only:
+        set_threads(args.threads)   # before TensorFlow starts: training rows run on it too
     overrides = overrides_from_args(args, SMOKE)
     configs = {row: load_config(CONFIGS / f"{row}.yaml", overrides) for row in args.rows}
     first = next(iter(configs.values()))
@@ -69,7 +71,6 @@ def main(argv=None):
     if args.train_only:
         return 0
 
-    set_threads(args.threads)
     rows = classical_rows(first, args.runs / "classical_aligned",
                           SMOKE_SYN if args.smoke else None)
     refine = RefineSettings(levels=((8, 2),)) if args.smoke else RefineSettings()

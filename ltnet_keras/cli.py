@@ -18,7 +18,8 @@ def _config_with_overrides(args):
     if getattr(args, "steps", None) is not None:
         overrides["train.steps"] = args.steps
     if getattr(args, "data", None):
-        overrides["data.root"] = str(args.data)
+        # Relative to where the user stands, not to the collections folder (config files).
+        overrides["data.root"] = str(Path(args.data).absolute())
     if getattr(args, "seed", None) is not None:
         overrides["train.seed"] = args.seed
     if args.config:
@@ -73,36 +74,38 @@ def cmd_evaluate(args):
 
 
 def cmd_train(args):
+    from ltnet_keras.distribute import WorkerLostError, choose_strategy
     from ltnet_keras.training import train
     config = _config_with_overrides(args)
-    result = train(config, args.out)
+    # Multi-worker collectives must be set up before TensorFlow runs anything else.
+    strategy = choose_strategy(args.strategy, args.cluster, config.train.devices,
+                               args.collective_timeout)
+    try:
+        result = train(config, args.out, strategy=strategy)
+    except WorkerLostError as error:
+        print(f"ltnet train: error: {error}", file=sys.stderr, flush=True)
+        return 1
     print(f"trained {result.steps_done} steps (resumed from {result.resumed_from}) in {args.out}")
 
 
 def cmd_segment(args):
     from tqdm import tqdm
 
-    from ltnet_keras.inference.segment import Segmenter, plan_output_paths
-    extras = [key for key, wanted in (("warped_atlas", args.save_warped_atlas),
-                                      ("forward_field", args.save_field),
-                                      ("aligned", args.save_aligned),
-                                      ("alignment", args.save_aligned)) if wanted]
+    from ltnet_keras.inference.cohort import (describe_result, optional_outputs, plan_cohort,
+                                              read_image_list)
+    from ltnet_keras.inference.segment import plan_output_paths
+    if args.shard is not None and args.image_list is None:
+        raise ValueError("--shard needs --image-list: every task of the array reads the same "
+                         "list and takes its share of it")
+    if args.image_list is not None:
+        # Cohort: the whole list is checked and planned before any work, in every task alike.
+        save_aligned = args.save_aligned and args.align == "affine"
+        extras = optional_outputs(args.save_warped_atlas, args.save_field, save_aligned)
+        planned = plan_cohort(read_image_list(args.image_list), args.out, extras, args.shard)
+        return _segment_cohort(args, planned, save_aligned)
+    extras = optional_outputs(args.save_warped_atlas, args.save_field, args.save_aligned)
     plans = plan_output_paths(args.image, args.out, args.overwrite, extras)
-    options = {"label_interp": args.label_interp, "align": args.align,
-               "refine": refine_settings(args)}
-    if args.atlases:
-        from ltnet_keras.inference.multi_atlas import MultiAtlasSegmenter, atlas_files
-        if args.atlas_image or args.atlas_labels:
-            raise ValueError("--atlases replaces --atlas-image / --atlas-labels; give one or the "
-                             "other")
-        root = args.data or load_config(args.run / "config.yaml").data.resolved_root()
-        segmenter = MultiAtlasSegmenter(args.run, atlas_files(args.atlases, root),
-                                        args.fusion, **options)
-    else:
-        if args.fusion != "majority":
-            raise ValueError("--fusion applies to several atlases (--atlases)")
-        segmenter = Segmenter(args.run, atlas_image=args.atlas_image,
-                              atlas_labels=args.atlas_labels, **options)
+    segmenter = _make_segmenter(args)
     # Every scan is read and checked before the first output is written, so a bad file in a
     # batch leaves no partial results behind (each scan is read once more to segment it).
     for image in tqdm(args.image, desc="check", disable=len(args.image) < 2):
@@ -111,11 +114,46 @@ def cmd_segment(args):
                              disable=len(args.image) < 2):
         result = segmenter.segment_to_files(image, args.out, args.save_warped_atlas,
                                             args.save_field, args.save_aligned, paths=paths)
-        timing = ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items())
-        total = sum(result.seconds.values())
-        folding = ("" if result.refinement is None else
-                   f"; refined field folds {100 * result.refinement.folding_fraction:.3f}%")
-        tqdm.write(f"{image} -> {paths['labels']} ({timing}; total {total:.2f}s{folding})")
+        tqdm.write(describe_result(image, paths["labels"], result))
+
+
+def _make_segmenter(args):
+    from ltnet_keras.inference.segment import Segmenter
+    options = {"label_interp": args.label_interp, "align": args.align,
+               "refine": refine_settings(args), "alignment_check": args.alignment_check}
+    if args.atlases:
+        from ltnet_keras.inference.multi_atlas import MultiAtlasSegmenter, atlas_files
+        if args.atlas_image or args.atlas_labels:
+            raise ValueError("--atlases replaces --atlas-image / --atlas-labels; give one or the "
+                             "other")
+        root = args.data or load_config(args.run / "config.yaml").data.resolved_root()
+        return MultiAtlasSegmenter(args.run, atlas_files(args.atlases, root), args.fusion,
+                                   **options)
+    if args.fusion != "majority":
+        raise ValueError("--fusion applies to several atlases (--atlases)")
+    return Segmenter(args.run, atlas_image=args.atlas_image, atlas_labels=args.atlas_labels,
+                     **options)
+
+
+def _segment_cohort(args, planned, save_aligned) -> int:
+    """Each scan on its own: a failed one is reported and the rest go on; exit status 1 at
+    the end if any failed (``EXIT_SOME_FAILED``)."""
+    from ltnet_keras.inference.cohort import segment_cohort
+    summary = segment_cohort(lambda: _make_segmenter(args), planned, args.shard,
+                             args.overwrite, args.save_warped_atlas, args.save_field,
+                             save_aligned, report=lambda line: print(line, flush=True),
+                             report_error=lambda line: print(f"ltnet segment: {line}",
+                                                             file=sys.stderr, flush=True))
+    print(summary.line(), flush=True)
+    return summary.exit_code
+
+
+def _shard_option(text):
+    from ltnet_keras.inference.cohort import parse_shard
+    try:
+        return parse_shard(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 #: ``--refine-*`` option -> RefineSettings field.
@@ -186,19 +224,49 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", default="prediction")
     p.add_argument("--per-structure", action="store_true")
     p.add_argument("--strict", action="store_true", help="every truth subject needs a prediction")
-    p.add_argument("--unknown-labels", choices=UNKNOWN_LABELS, default="error",
-                   help="label ids absent from --labels: refuse the file (default) or score "
-                        "them as background, with a warning")
+    p.add_argument("--unknown-labels", choices=UNKNOWN_LABELS, default="background",
+                   help="label ids absent from --labels: score them as background, said once "
+                        "per file (default), or refuse the file")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("train", help="train or resume a run")
     config_options(p, training=True)
     p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--strategy", choices=("auto", "mirrored", "multi-worker"), default="auto",
+                   help="mirrored: this machine's GPUs (or its CPU); multi-worker: one process "
+                   "per machine, the cluster named by TF_CONFIG or --cluster slurm; auto "
+                   "(default): multi-worker when TF_CONFIG names a cluster or --cluster slurm "
+                   "is given, else mirrored")
+    p.add_argument("--cluster", choices=("tf-config", "slurm"), default="tf-config",
+                   help="where the workers are listed: the TF_CONFIG variable (default) or the "
+                   "SLURM job step (one `ltnet train` per task, started by srun)")
+    p.add_argument("--collective-timeout", type=float, metavar="SECONDS",
+                   help="multi-worker: fail a step whose gradient exchange takes longer (a "
+                   "worker that hangs without dying); longer than a step and the start-up. "
+                   "A dead worker is noticed within ~10 s without it")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("segment", help="segment new scans with a trained run")
+    p = sub.add_parser(
+        "segment", help="segment new scans with a trained run",
+        description="Segment scans with a trained run. --image: a few scans, all checked "
+        "before the first output is written (one bad scan refuses the batch; an existing "
+        "output is refused without --overwrite). --image-list: a cohort, each scan on its own "
+        "(a bad scan is reported and the rest go on; exit status 1 at the end if any failed; "
+        "scans whose outputs exist are skipped without --overwrite, so a re-run resumes), "
+        "split over a job array with --shard. Exit status 2: refused before any work.")
     p.add_argument("--run", type=Path, required=True)
-    p.add_argument("--image", type=Path, nargs="+", required=True)
+    scans = p.add_mutually_exclusive_group(required=True)
+    scans.add_argument("--image", type=Path, nargs="+", help="scans to segment")
+    scans.add_argument("--image-list", type=Path, metavar="FILE",
+                       help="a cohort: one scan path per line (blank lines and lines starting "
+                       "with # are skipped; relative paths are relative to FILE's folder); "
+                       "every listed file must exist (checked before any work); not with "
+                       "--image")
+    p.add_argument("--shard", type=_shard_option, metavar="I/N",
+                   help="with --image-list: this process segments every N-th listed scan "
+                   "from the I-th (0 <= I < N), e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_"
+                   "COUNT; N tasks together segment the list once, with the names one "
+                   "unsharded run gives")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--label-interp", choices=SEGMENT_INTERPOLATIONS)
     p.add_argument("--atlas-image", type=Path, help="override the atlas image path of the run")
@@ -213,7 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-warped-atlas", action="store_true")
     p.add_argument("--save-field", action="store_true")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace output files that exist already (default: refuse)")
+                   help="replace output files that exist already (default: refuse; with "
+                   "--image-list, skip the scan)")
     p.add_argument("--align", choices=ALIGN_MODES, default="affine",
                    help="affine (default): reorient, resample and register each scan affinely to "
                    "the atlas (ANTs) and return the labels on the scan's own grid; none: the "
@@ -221,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-aligned", action="store_true",
                    help="with --align affine, also write the scan in atlas space and its "
                    "alignment (OUT/aligned/) to check them")
+    p.add_argument("--alignment-check", choices=("refuse", "warn", "off"), default="refuse",
+                   help="with --align affine, every scan's similarity to the atlas once aligned "
+                   "(NCC) is checked before any output is written: refuse (default) stops at a "
+                   "scan far below the training scans' (not a head, or a header turned wrong) "
+                   "and warns about a doubtful one; warn only warns; off checks nothing. "
+                   "Thresholds: the run's aligned/alignment_check.json, else defaults")
     refine = p.add_argument_group(
         "test-time refinement", "refine G_F's forward field on each scan (local NCC + "
         "diffusion, coarse to fine) before warping the atlas labels: a few seconds per scan "
@@ -260,11 +335,13 @@ def main(argv=None) -> int:
         try:
             if args.func in USES_TENSORFLOW:
                 start_tensorflow_quietly()
-            args.func(args)
+            # A command may return a status of its own: segment --image-list returns 1 when
+            # some scans of the cohort failed and the others were done.
+            status = args.func(args)
         except (VolumeError, ValueError, FileNotFoundError) as error:
             print(f"ltnet {args.command}: error: {error}", file=sys.stderr)
             return 2
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -8,11 +8,13 @@ alignments) and, at the end, ``forward_generator.h5`` (all that segmentation nee
 objectives with a backward path, ``backward_generator.h5`` (G_B: the reconstructed atlas of
 Fig. 3).
 """
+import contextlib
 import csv
 import json
 import math
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,10 @@ import tensorflow as tf
 from ltnet_keras.config import (ExperimentConfig, check_resume_config, config_to_dict,
                                 save_config)
 from ltnet_keras.data.dataset import TrainingData, load_training_data, training_dataset
+# make_strategy and split_cpu are imported from here by callers that train on one machine.
+from ltnet_keras.distribute import (PEER_FAILURES, WorkerLostError, WorkerRole,  # noqa: F401
+                                    fresh_dir, make_strategy, split_cpu, strategy_name,
+                                    worker_batches, worker_lost_message, worker_role)
 from ltnet_keras.models.ltnet import LTNet
 from ltnet_keras.records import atomic_write_text, package_versions, shown_path
 
@@ -38,31 +44,11 @@ class NonFiniteLossError(RuntimeError):
     """A loss became NaN or inf; the last good checkpoint is kept."""
 
 
-def make_strategy(devices: int = 0) -> tf.distribute.Strategy:
-    """MirroredStrategy over the GPUs, else over the logical CPUs (one unless split).
-
-    ``devices`` > 0 uses only the first ``devices`` of them.
-    """
-    gpus = tf.config.list_logical_devices("GPU")
-    pool = gpus or tf.config.list_logical_devices("CPU")
-    if devices:
-        if devices > len(pool):
-            raise ValueError(f"{devices} devices asked for, {len(pool)} available: "
-                             f"{[d.name for d in pool]}")
-        pool = pool[:devices]
-    return tf.distribute.MirroredStrategy([d.name for d in pool])
-
-
-def split_cpu(n: int) -> None:
-    """Split the CPU into ``n`` logical devices (before TensorFlow initialises its devices)."""
-    cpu = tf.config.list_physical_devices("CPU")[0]
-    tf.config.set_logical_device_configuration(
-        cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(n)])
-
-
 def environment_record(config: ExperimentConfig, strategy) -> dict:
     return {"packages": package_versions(), "platform": platform.platform(),
             "seed": config.train.seed, "devices": list(strategy.extended.worker_devices),
+            "strategy": strategy_name(strategy), "workers": worker_role(strategy).workers,
+            "replicas": strategy.num_replicas_in_sync,
             "onednn": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
 
 
@@ -167,12 +153,13 @@ def gradient_norm_probe(model: LTNet, data: TrainingData):
 class RunMonitor(tf.keras.callbacks.Callback):
     """Stops on a non-finite loss before it can be checkpointed; logs and checkpoints blocks."""
 
-    def __init__(self, manager: tf.train.CheckpointManager, history_path: Path,
+    def __init__(self, manager: tf.train.CheckpointManager, history_path: Optional[Path],
                  log_every: int, checkpoint_every: int, total_steps: int, diagnose=None):
         super().__init__()
         # Called at each log step; its floats join the logged values (history, TensorBoard).
         self.diagnose = diagnose
         self.manager = manager
+        # None on a worker that is not the chief: only the chief keeps the history.
         self.history_path = history_path
         self.log_every = log_every
         self.checkpoint_every = checkpoint_every
@@ -200,12 +187,13 @@ class RunMonitor(tf.keras.callbacks.Callback):
             # The same dict reaches the TensorBoard callback after this one.
             logs.update(self.diagnose())
         row = {"step": step, **{k: float(v) for k, v in (logs or {}).items()}}
-        new_file = not self.history_path.exists()
-        with open(self.history_path, "a", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(row))
-            if new_file:
-                writer.writeheader()
-            writer.writerow(row)
+        if self.history_path is not None:
+            new_file = not self.history_path.exists()
+            with open(self.history_path, "a", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=list(row))
+                if new_file:
+                    writer.writeheader()
+                writer.writerow(row)
         if step % self.checkpoint_every == 0 or step >= self.total_steps:
             self.manager.save(checkpoint_number=step)
 
@@ -293,7 +281,9 @@ def train(config: ExperimentConfig, run_dir, strategy=None, verbose: int = 1,
     """Train (or resume) the run in ``run_dir``; returns the model and the data it used.
 
     The configuration and every training file are checked before ``run_dir`` is created, so
-    a refused run leaves no run directory behind.
+    a refused run leaves no run directory behind. With a multi-worker ``strategy`` only the
+    chief writes ``run_dir``; the other workers write into ``run_dir/workertemp_<task id>``
+    and delete it when they stop (see :mod:`ltnet_keras.distribute`).
     """
     run_dir = Path(run_dir)
     check_resume_config(run_dir, config)
@@ -304,12 +294,42 @@ def train(config: ExperimentConfig, run_dir, strategy=None, verbose: int = 1,
                          f"train.log_every ({log_every})")
     tf.keras.utils.set_random_seed(config.train.seed)
     strategy = strategy or make_strategy(config.train.devices)
+    role = worker_role(strategy)
+    run_dir_existed = run_dir.exists()
+    try:
+        return _train(config, run_dir, strategy, role, verbose, data)
+    except PEER_FAILURES as error:
+        if not role.multi_worker:
+            raise
+        # A peer failed outside the steps (start-up, the first exchange of weights).
+        last = _checkpoint_number(tf.train.latest_checkpoint(str(run_dir / "checkpoints")))
+        raise WorkerLostError(worker_lost_message(error, role, last)) from None
+    finally:
+        if not role.is_chief:
+            shutil.rmtree(role.write_dir(run_dir), ignore_errors=True)
+            if not run_dir_existed:
+                # Left empty when the run stopped before the chief wrote anything.
+                with contextlib.suppress(OSError):
+                    run_dir.rmdir()
 
+
+def _checkpoint_number(path: Optional[str]) -> Optional[int]:
+    return None if path is None else int(path.rsplit("-", 1)[1])
+
+
+def _train(config: ExperimentConfig, run_dir: Path, strategy, role: WorkerRole, verbose: int,
+           data: Optional[TrainingData]) -> TrainResult:
+    steps, log_every = config.train.steps, config.train.log_every
+    write_dir = role.write_dir(run_dir)
+    if not role.is_chief:
+        fresh_dir(write_dir)  # a worker killed earlier leaves its scratch behind
     atlas_record = run_dir / "atlas.json"
     saved_atlas = json.loads(atlas_record.read_text())["atlas"] if atlas_record.exists() else None
     data = data or load_training_data(config.data, atlas=saved_atlas,
-                                      cache_dir=run_dir / ALIGNED_DIR)
+                                      cache_dir=write_dir / ALIGNED_DIR)
     # A resumed run restores G_F from its checkpoint; a new one may start from another run's.
+    # Every worker reads either: a restore on the chief alone put the workers' collectives
+    # out of step (seen in tests/test_multi_worker.py), so all of them restore alike.
     init_weights = (init_source_weights(config, data.atlas.subject) if config.train.init_from
                     and not tf.train.latest_checkpoint(str(run_dir / "checkpoints")) else None)
     with strategy.scope():
@@ -317,40 +337,36 @@ def train(config: ExperimentConfig, run_dir, strategy=None, verbose: int = 1,
     if init_weights is not None:
         model.forward_generator.load_weights(str(init_weights))
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, run_dir / "config.yaml")
-    _write_json(run_dir / "environment.json", environment_record(config, strategy))
-    root = config.data.resolved_root()
-    _write_json(atlas_record, {
-        "atlas": data.atlas.subject,
-        # Relative to data.root (where under it), so no machine's path is pinned in the record.
-        "image": shown_path(data.atlas.image_path, root),
-        "labels": shown_path(data.atlas.label_path, root),
-        "labels_tsv": shown_path(config.data.resolved_labels_tsv(), root),
-        "label_ids": [int(i) for i in data.table.ids], "grid": data.atlas.grid.to_dict(),
-        "targets": [t.subject for t in data.targets],
-        "extra_atlases": [a.subject for a in data.extra_atlases]})
+    if role.is_chief:
+        _write_run_records(config, run_dir, strategy, data)
 
     tracked = {"model": model, "generator_optimizer": model.generator_optimizer}
     if model.discriminator_optimizer is not None:
         tracked["discriminator_optimizer"] = model.discriminator_optimizer
     checkpoint = tf.train.Checkpoint(**tracked)
     # CheckpointManager writes the data files first and swaps the small index file atomically,
-    # so a run killed mid-save resumes from the previous complete checkpoint.
-    manager = tf.train.CheckpointManager(checkpoint, run_dir / "checkpoints", max_to_keep=2)
-    if manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+    # so a run killed mid-save resumes from the previous complete checkpoint. Saving is a
+    # collective: the other workers save too, into their temporary directory.
+    manager = tf.train.CheckpointManager(checkpoint, write_dir / "checkpoints", max_to_keep=2)
+    latest = tf.train.latest_checkpoint(str(run_dir / "checkpoints"))  # the chief's
+    if latest:
+        checkpoint.restore(latest).assert_existing_objects_matched()
     start = int(model.generator_optimizer.iterations.numpy())
-    history = run_dir / "history.csv"
-    _truncate_history(history, start)
+    history = run_dir / "history.csv" if role.is_chief else None
+    if history is not None:
+        _truncate_history(history, start)
 
     if start < steps:
         replicas = strategy.num_replicas_in_sync
-        dataset = training_dataset(data, replicas, config.train.seed, start, steps)
+
+        def global_batches():
+            return training_dataset(data, replicas, config.train.seed, start, steps)
+        dataset = (worker_batches(strategy, global_batches) if role.multi_worker
+                   else global_batches())
         probe = gradient_norm_probe(model, data) if config.train.log_grad_norms else None
         monitor = RunMonitor(manager, history, log_every, config.train.checkpoint_every, steps,
                              probe)
-        callbacks = [monitor, tf.keras.callbacks.TensorBoard(str(run_dir / "logs"))]
+        callbacks = [monitor, tf.keras.callbacks.TensorBoard(str(write_dir / "logs"))]
         clock = time.perf_counter()
         try:
             model.fit(dataset, epochs=steps // log_every, steps_per_epoch=log_every,
@@ -366,15 +382,41 @@ def train(config: ExperimentConfig, run_dir, strategy=None, verbose: int = 1,
                 f"non-finite displacement field at step {step} (NaN in the input or the "
                 f"network); the run stopped and its last good checkpoint is "
                 f"{manager.latest_checkpoint}") from None
+        except PEER_FAILURES as error:
+            if not role.multi_worker:
+                raise
+            # This sitting's last checkpoint, else the one it resumed from.
+            last = _checkpoint_number(manager.latest_checkpoint) or start or None
+            raise WorkerLostError(worker_lost_message(error, role, last)) from None
         finally:
             # Counted even for a sitting that fails or is interrupted: its steps after the
             # last checkpoint are redone on resume, and that time was spent too.
-            _add_train_seconds(run_dir, time.perf_counter() - clock)
+            if role.is_chief:
+                _add_train_seconds(run_dir, time.perf_counter() - clock)
         if monitor.failure:
             raise NonFiniteLossError(monitor.failure)
-    _save_weights(model.forward_generator, run_dir / FORWARD_WEIGHTS)
-    if model.backward_generator is not None:
-        _save_weights(model.backward_generator, run_dir / BACKWARD_WEIGHTS)
-    plot_history(history, run_dir / "loss_curve.png")
+    if role.is_chief:
+        _save_weights(model.forward_generator, run_dir / FORWARD_WEIGHTS)
+        if model.backward_generator is not None:
+            _save_weights(model.backward_generator, run_dir / BACKWARD_WEIGHTS)
+        plot_history(history, run_dir / "loss_curve.png")
     return TrainResult(run_dir, int(model.generator_optimizer.iterations.numpy()), start,
                        model, data)
+
+
+def _write_run_records(config: ExperimentConfig, run_dir: Path, strategy,
+                       data: TrainingData) -> None:
+    """``config.yaml``, ``environment.json`` and ``atlas.json`` (the chief's job)."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / "config.yaml")
+    _write_json(run_dir / "environment.json", environment_record(config, strategy))
+    root = config.data.resolved_root()
+    _write_json(run_dir / "atlas.json", {
+        "atlas": data.atlas.subject,
+        # Relative to data.root (where under it), so no machine's path is pinned in the record.
+        "image": shown_path(data.atlas.image_path, root),
+        "labels": shown_path(data.atlas.label_path, root),
+        "labels_tsv": shown_path(config.data.resolved_labels_tsv(), root),
+        "label_ids": [int(i) for i in data.table.ids], "grid": data.atlas.grid.to_dict(),
+        "targets": [t.subject for t in data.targets],
+        "extra_atlases": [a.subject for a in data.extra_atlases]})

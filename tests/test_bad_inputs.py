@@ -272,13 +272,14 @@ def test_segment_same_file_names_in_two_folders_get_distinct_outputs(good_scan, 
     """Control as well: a good scan (as .mgz) gets a sensible label map on its own grid."""
     from ltnet_keras.evaluation import evaluate_pair
     scan = load_image(good_scan)
-    images = [save_volume(scan.array, tmp_path / folder / "brainmask.mgz", scan.affine)
+    # "scan.mgz", not "brainmask.mgz": a FreeSurfer name is named after its subject folder alone
+    images = [save_volume(scan.array, tmp_path / folder / "scan.mgz", scan.affine)
               for folder in ("a", "b")]
     out = tmp_path / "out"
     code, printed, err = run_cli(capsys, *segment_args(images, out))
     assert code == 0, err
     # .mgz in, .mgz out (issue 8); the parent folder keeps the names apart (issue 9)
-    assert sorted(p.name for p in out.iterdir()) == ["a_brainmask.mgz", "b_brainmask.mgz"]
+    assert sorted(p.name for p in out.iterdir()) == ["a_scan.mgz", "b_scan.mgz"]
     first, second = (load_label_map(out / name) for name in sorted(os.listdir(out)))
     np.testing.assert_array_equal(first.array, second.array)
     np.testing.assert_allclose(first.affine, scan.affine, atol=1e-5)

@@ -1,5 +1,6 @@
-"""Bringing a scan into the atlas' space and its labels back: reorientation, resampling and an
-affine registration to the atlas with ANTs (antspyx).
+"""Bringing a scan into the atlas' space and its labels back: an affine registration to the
+atlas with ANTs (antspyx), on the grids of :mod:`ltnet_keras.data.grids` (reorientation,
+resampling; re-exported here).
 
 Conventions. An affine ``A`` maps voxel indices to world millimetres in RAS+ (nibabel's). A
 ``voxel map`` is a 4x4 matrix taking voxel indices of one grid to (continuous) voxel indices of
@@ -7,27 +8,37 @@ another. :class:`Alignment` holds the registration as ``atlas_to_scan``: the wor
 scan that shows what the atlas shows at a given atlas world point (ANTs' "fixed to moving"
 point map), so the scan in atlas space is ``scan(atlas_to_scan(x))`` and a scan voxel looks up
 the atlas at the inverse. ANTs itself works in LPS; the conversion happens in this module only.
+
+Alignment does not fail silently: before the affine, the identity start and the three half
+turns about the centre of mass are compared (a scan whose header is turned 180 degrees would
+otherwise settle upside down or back to front), and every alignment carries a similarity to the
+atlas (:func:`alignment_similarity`) that :mod:`ltnet_keras.data.alignment_check` judges.
 """
 import contextlib
 import dataclasses
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
-from nibabel import orientations
 
 from ltnet_keras.config import ALIGN_MODES
+from ltnet_keras.data.alignment_check import (HALF_TURNS, SIMILARITY_SPACING, START_ITERATIONS,
+                                              START_MARGIN, START_SPACING, alignment_similarity,
+                                              coarse_similarity, half_turn_start)
 from ltnet_keras.data.errors import VolumeError
+from ltnet_keras.data.grids import (axis_codes, registration_image, reorient,  # noqa: F401
+                                    resample, resample_volume, voxel_map, voxel_sizes, zoom_grid)
 from ltnet_keras.data.io import Volume, load_image, save_volume, subject_id
 from ltnet_keras.records import atomic_write_text, read_keyed_record
 
 __all__ = ["ALIGN_MODES", "check_align_mode", "axis_codes", "reorient", "voxel_map",
            "resample", "resample_volume", "zoom_grid", "Alignment", "RegistrationSettings",
-           "register_affine", "to_atlas_space", "AlignmentCache"]
+           "register_affine", "to_atlas_space", "AlignmentCache", "alignment_similarity"]
 
 # RAS <-> LPS: ANTs/ITK physical points have x and y negated.
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -38,120 +49,6 @@ def check_align_mode(mode: str) -> str:
     if mode not in ALIGN_MODES:
         raise ValueError(f"unknown alignment {mode!r}; valid: {', '.join(ALIGN_MODES)}")
     return mode
-
-
-def axis_codes(affine) -> Tuple[str, str, str]:
-    """The direction each voxel axis points to, e.g. ``("L", "P", "S")`` (nibabel's codes)."""
-    return tuple(orientations.aff2axcodes(np.asarray(affine)))
-
-
-def reorient(volume: Volume, codes: Sequence[str]) -> Volume:
-    """The same voxels with their axes permuted and flipped to point along ``codes``; the
-    affine changes with them, so every voxel keeps its world position (no interpolation)."""
-    current = orientations.io_orientation(volume.affine)
-    wanted = orientations.axcodes2ornt(tuple(codes))
-    transform = orientations.ornt_transform(current, wanted)
-    array = orientations.apply_orientation(volume.array, transform)
-    affine = volume.affine @ orientations.inv_ornt_aff(transform, volume.array.shape)
-    return Volume(np.ascontiguousarray(array), affine, None, volume.path)
-
-
-def voxel_map(source_affine, target_affine, world_transform=None) -> np.ndarray:
-    """4x4 matrix taking target voxels to source voxels: ``inv(source) @ T @ target``, where
-    ``T`` (identity if None) maps target world points to the source world points they show."""
-    world = np.eye(4) if world_transform is None else np.asarray(world_transform, np.float64)
-    return np.linalg.inv(np.asarray(source_affine, np.float64)) @ world @ np.asarray(
-        target_affine, np.float64)
-
-
-def resample(array, target_to_source, target_shape, kind: str = "image") -> np.ndarray:
-    """``array`` sampled at ``target_to_source @ t`` for every voxel ``t`` of ``target_shape``:
-    trilinear for ``"image"`` (float32), nearest for ``"label"`` (same dtype); beyond the
-    source's voxels (each reaching half a voxel past its centre) is 0 (background)."""
-    from scipy.ndimage import affine_transform
-    if kind not in ("image", "label"):
-        raise ValueError(f"kind must be 'image' or 'label', not {kind!r}")
-    matrix = np.asarray(target_to_source, np.float64)
-    array = np.asarray(array)
-    source = array.astype(np.float32, copy=False) if kind == "image" else array
-    out = affine_transform(source, matrix[:3, :3], matrix[:3, 3], output_shape=tuple(target_shape),
-                           order=1 if kind == "image" else 0, mode="grid-constant", cval=0,
-                           prefilter=False)
-    return out if kind == "image" else out.astype(array.dtype, copy=False)
-
-
-def resample_volume(volume: Volume, target_shape, target_affine, kind: str = "image",
-                    world_transform=None) -> Volume:
-    """``volume`` on another grid (``target_shape``, ``target_affine``), optionally moved by
-    ``world_transform`` (target world -> source world), in one interpolation."""
-    matrix = voxel_map(volume.affine, target_affine, world_transform)
-    return Volume(resample(volume.array, matrix, target_shape, kind),
-                  np.asarray(target_affine, np.float64), None, volume.path)
-
-
-def voxel_sizes(affine) -> np.ndarray:
-    return np.linalg.norm(np.asarray(affine, np.float64)[:3, :3], axis=0)
-
-
-def zoom_grid(shape, affine, spacing: float) -> Tuple[Tuple[int, int, int], np.ndarray]:
-    """A grid of ``spacing`` mm voxels along the same axes and covering the same field of view:
-    its voxel 0 is centred where the first block of the old grid would be centred."""
-    shape = np.asarray(shape)
-    affine = np.asarray(affine, np.float64)
-    sizes = voxel_sizes(affine)
-    scale = spacing / sizes                       # new voxel in old voxels, per axis
-    new_shape = np.maximum(np.ceil(shape / scale).astype(int), 1)
-    to_old = np.diag(list(scale) + [1.0])
-    to_old[:3, 3] = (scale - 1.0) / 2.0
-    return tuple(int(n) for n in new_shape), affine @ to_old
-
-
-def _smooth_for(spacing: float, volume: Volume) -> np.ndarray:
-    """Gaussian anti-aliasing before down-sampling to ``spacing`` mm (sigma in voxels)."""
-    from scipy.ndimage import gaussian_filter
-    ratio = spacing / voxel_sizes(volume.affine)
-    # A Gaussian that keeps frequencies the coarse grid can hold: FWHM ~ the ratio.
-    sigma = np.where(ratio > 1.0, np.sqrt(np.maximum(ratio ** 2 - 1.0, 0.0)) / 2.355, 0.0)
-    return gaussian_filter(volume.array.astype(np.float32), sigma, mode="constant", truncate=3.0)
-
-
-def _block_mean(array, factors) -> np.ndarray:
-    """Mean over ``factors`` blocks (zero-padded at the far end), float32."""
-    factors = tuple(int(f) for f in factors)
-    padded_shape = [-(-n // f) * f for n, f in zip(array.shape, factors)]
-    padded = np.zeros(padded_shape, np.float32)
-    padded[tuple(slice(0, n) for n in array.shape)] = array
-    blocks = padded.reshape(padded_shape[0] // factors[0], factors[0],
-                            padded_shape[1] // factors[1], factors[1],
-                            padded_shape[2] // factors[2], factors[2])
-    return blocks.mean(axis=(1, 3, 5), dtype=np.float32)
-
-
-def _straight_affine(codes, spacing: float, origin) -> np.ndarray:
-    """``spacing`` mm voxels whose axes point exactly along the world axes named by ``codes``."""
-    affine = np.eye(4)
-    affine[:3, :3] = 0.0
-    for axis, (world_axis, flip) in enumerate(orientations.axcodes2ornt(tuple(codes))):
-        affine[int(world_axis), axis] = flip * spacing
-    affine[:3, 3] = origin
-    return affine
-
-
-def registration_image(volume: Volume, codes: Sequence[str], spacing: float) -> Volume:
-    """The scan as ANTs registers it: reoriented to ``codes`` (exact), down-sampled to
-    ``spacing`` mm voxels along those axes, with axes exactly along the world axes (so ITK gets
-    an orthonormal direction matrix even from an oblique or sheared scan)."""
-    reoriented = reorient(volume, codes)
-    shape, affine = zoom_grid(reoriented.shape, reoriented.affine, spacing)
-    straight = _straight_affine(codes, spacing, affine[:3, 3])
-    ratio = spacing / voxel_sizes(reoriented.affine)
-    factors = np.round(ratio)
-    if np.allclose(affine, straight, atol=1e-4) and np.allclose(ratio, factors, atol=1e-3):
-        # Whole voxels per block on straight axes (any 1 mm scan, for instance): a block mean
-        # is the exact anti-aliased down-sampling, and far quicker than filtering.
-        return Volume(_block_mean(reoriented.array, factors), straight, None, volume.path)
-    smoothed = Volume(_smooth_for(spacing, reoriented), reoriented.affine, None, volume.path)
-    return resample_volume(smoothed, shape, straight, "image")
 
 
 def load_ants():
@@ -250,6 +147,12 @@ class Alignment:
     scan_shape: Tuple[int, int, int]
     scan_affine: np.ndarray
     seconds: Dict[str, float] = field(default_factory=dict)
+    #: NCC of the aligned scan and the atlas (:func:`alignment_similarity`); None if unknown.
+    similarity: Optional[float] = None
+    #: The start the affine began from: "identity" or the half turn's axis (:data:`HALF_TURNS`).
+    start: str = "identity"
+    #: Each start's NCC after the quick rigid registration that chose among them.
+    start_scores: Dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def identity(cls, scan: Volume, atlas_shape, atlas_affine) -> "Alignment":
@@ -282,44 +185,105 @@ class Alignment:
         return {"atlas_to_scan": self.atlas_to_scan.tolist(),
                 "atlas_shape": list(self.atlas_shape), "atlas_affine": self.atlas_affine.tolist(),
                 "scan_shape": list(self.scan_shape), "scan_affine": self.scan_affine.tolist(),
-                "seconds": dict(self.seconds)}
+                "seconds": dict(self.seconds), "similarity": self.similarity,
+                "start": self.start, "start_scores": dict(self.start_scores)}
 
     @classmethod
     def from_dict(cls, data: dict) -> "Alignment":
+        # Records written before the start search and the similarity lack both.
         return cls(np.asarray(data["atlas_to_scan"], np.float64), tuple(data["atlas_shape"]),
                    np.asarray(data["atlas_affine"], np.float64), tuple(data["scan_shape"]),
-                   np.asarray(data["scan_affine"], np.float64), dict(data.get("seconds", {})))
+                   np.asarray(data["scan_affine"], np.float64), dict(data.get("seconds", {})),
+                   data.get("similarity"), data.get("start", "identity"),
+                   dict(data.get("start_scores", {})))
 
 
-def register_affine(scan: Volume, atlas: Volume,
-                    settings: Optional[RegistrationSettings] = None) -> Alignment:
+def _write_ants_affine(atlas_to_scan, folder) -> str:
+    """``atlas_to_scan`` as an ANTs transform file (an ``initial_transform``)."""
+    ants = load_ants()
+    lps = _RAS_TO_LPS @ atlas_to_scan @ _RAS_TO_LPS
+    path = str(Path(folder) / f"start_{len(os.listdir(folder))}.mat")
+    ants.write_transform(ants.create_ants_transform(
+        "AffineTransform", matrix=lps[:3, :3], offset=lps[:3, 3]), path)
+    return path
+
+
+def _choose_start(fixed: Volume, moving: Volume, fine: Tuple[Volume, Volume], settings,
+                  folder) -> Tuple[str, Dict]:
+    """The half turn (or none) to start the affine from, and each start's similarity (as
+    :func:`alignment_similarity` measures it) after a quick rigid registration at
+    :data:`START_SPACING` mm."""
+    ants = load_ants()
+    codes = axis_codes(fixed.affine)
+    spacing = max(START_SPACING, settings.spacing)
+    fixed, moving = (registration_image(v, codes, spacing) for v in (fixed, moving))
+    scores = {}
+    for turn in HALF_TURNS:
+        start = half_turn_start(turn, fixed, moving)
+        try:
+            with _ants_seed(settings.seed):
+                result = ants.registration(
+                    _to_ants(fixed), _to_ants(moving), type_of_transform="Rigid",
+                    initial_transform=[_write_ants_affine(start, folder)],
+                    aff_metric=settings.metric, aff_sampling=32,
+                    aff_random_sampling_rate=settings.sampling_rate,
+                    aff_iterations=(START_ITERATIONS,), aff_shrink_factors=(1,),
+                    aff_smoothing_sigmas=(0,))
+            start = _RAS_TO_LPS @ _matrix_of(ants.read_transform(
+                result["fwdtransforms"][0])) @ _RAS_TO_LPS
+        except (RuntimeError, IndexError):
+            pass   # too little to register at this grid: score the start as it is
+        scores[turn] = coarse_similarity(*fine, start, overlap=True)
+    best = max(scores, key=scores.get)
+    if scores[best] < scores["identity"] + START_MARGIN:
+        best = "identity"
+    return best, scores
+
+
+def register_affine(scan: Volume, atlas: Volume, settings: Optional[RegistrationSettings] = None,
+                    search_start: bool = True) -> Alignment:
     """Affine registration of ``scan`` (moving) to ``atlas`` (fixed) with ANTs.
 
     Both are reoriented to the atlas' axes and resampled to ``settings.spacing`` mm first: the
     registration does not need 1 mm detail and runs several times faster on the coarse grid.
-    ANTs starts from the translation that aligns the centres of mass (its default), so heads
-    far from the atlas' position and scans with other fields of view need no manual start.
+    The start is the translation that aligns the centres of mass (ANTs' default), turned by
+    half a turn about an axis when that fits clearly better (:func:`_choose_start`): heads far
+    from the atlas' position, with other fields of view or with a header turned 180 degrees
+    need no manual start (``search_start=False``: ANTs' start only, as before the search).
+    The result carries its :func:`alignment_similarity`.
     """
     ants = load_ants()
     settings = settings or RegistrationSettings()
     seconds = {}
     clock = time.perf_counter()
     codes = axis_codes(atlas.affine)
-    fixed = _to_ants(registration_image(atlas, codes, settings.spacing))
-    moving = _to_ants(registration_image(scan, codes, settings.spacing))
+    fixed_image = registration_image(atlas, codes, settings.spacing)
+    moving_image = registration_image(scan, codes, settings.spacing)
+    # The similarity's own grid, from the scans (not from a coarser registration grid's blur).
+    fine = ((fixed_image, moving_image) if settings.spacing == SIMILARITY_SPACING else
+            tuple(registration_image(v, codes, SIMILARITY_SPACING) for v in (atlas, scan)))
     seconds["registration_resample"] = time.perf_counter() - clock
 
-    clock = time.perf_counter()
     try:
-        with _ants_seed(settings.seed):
-            result = ants.registration(
-                fixed, moving, type_of_transform=settings.transform,
-                aff_metric=settings.metric, aff_sampling=32,
-                aff_random_sampling_rate=settings.sampling_rate,
-                aff_iterations=tuple(settings.iterations),
-                aff_shrink_factors=tuple(settings.shrink_factors),
-                aff_smoothing_sigmas=tuple(settings.smoothing_sigmas))
-        transform = ants.read_transform(result["fwdtransforms"][0])
+        with tempfile.TemporaryDirectory(prefix="ltnet_align_") as folder:
+            clock = time.perf_counter()
+            start, scores = (_choose_start(fixed_image, moving_image, fine, settings, folder)
+                             if search_start else ("identity", {}))
+            # The usual orientation keeps ANTs' own start: the same registration as before.
+            initial = None if start == "identity" else [_write_ants_affine(
+                half_turn_start(start, fixed_image, moving_image), folder)]
+            seconds["registration_start"] = time.perf_counter() - clock
+            clock = time.perf_counter()
+            with _ants_seed(settings.seed):
+                result = ants.registration(
+                    _to_ants(fixed_image), _to_ants(moving_image),
+                    type_of_transform=settings.transform, initial_transform=initial,
+                    aff_metric=settings.metric, aff_sampling=32,
+                    aff_random_sampling_rate=settings.sampling_rate,
+                    aff_iterations=tuple(settings.iterations),
+                    aff_shrink_factors=tuple(settings.shrink_factors),
+                    aff_smoothing_sigmas=tuple(settings.smoothing_sigmas))
+            transform = ants.read_transform(result["fwdtransforms"][0])
     except (RuntimeError, IndexError) as error:
         raise VolumeError(scan.path, f"ANTs could not register the scan to the atlas "
                                      f"({type(error).__name__}: {error})") from error
@@ -328,8 +292,12 @@ def register_affine(scan: Volume, atlas: Volume,
     if not np.all(np.isfinite(atlas_to_scan)) or abs(np.linalg.det(atlas_to_scan[:3, :3])) < 1e-3:
         raise VolumeError(scan.path, "the affine registration to the atlas failed (degenerate "
                                      f"transform {atlas_to_scan.tolist()})")
+    clock = time.perf_counter()
+    similarity = coarse_similarity(*fine, atlas_to_scan, overlap=True)
+    seconds["registration_similarity"] = time.perf_counter() - clock
     return Alignment(atlas_to_scan, atlas.shape, np.asarray(atlas.affine, np.float64),
-                     scan.shape, np.asarray(scan.affine, np.float64), seconds)
+                     scan.shape, np.asarray(scan.affine, np.float64), seconds, similarity, start,
+                     scores)
 
 
 def to_atlas_space(scan: Volume, alignment: Alignment, kind: str = "image") -> Volume:
@@ -363,26 +331,39 @@ class AlignmentCache:
         record = read_keyed_record(record_path, self._key(scan_path, atlas))
         return None if record is None else Alignment.from_dict(record["alignment"])
 
+    def _keep(self, scan_path, atlas: Volume, alignment: Alignment) -> None:
+        record_path, _ = self._paths(scan_path)
+        atomic_write_text(record_path, json.dumps(
+            {"key": self._key(scan_path, atlas), "alignment": alignment.to_dict()}, indent=2))
+
     def alignment(self, scan: Volume, atlas: Volume) -> Alignment:
-        """The kept alignment of ``scan`` if still valid, else a new registration (kept)."""
+        """The kept alignment of ``scan`` if still valid, else a new registration (kept). A
+        record from before similarities were kept gets its similarity now (and keeps it)."""
         clock = time.perf_counter()
         cached = self._cached(scan.path, atlas)
-        if cached is not None:
-            cached.seconds = {"registration_cached": time.perf_counter() - clock}
-            return cached
-        alignment = register_affine(scan, atlas, self.settings)
-        record_path, _ = self._paths(scan.path)
-        atomic_write_text(record_path, json.dumps(
-            {"key": self._key(scan.path, atlas), "alignment": alignment.to_dict()}, indent=2))
-        return alignment
+        if cached is None:
+            alignment = register_affine(scan, atlas, self.settings)
+            self._keep(scan.path, atlas, alignment)
+            return alignment
+        if cached.similarity is None:
+            cached.similarity = alignment_similarity(scan, atlas, cached.atlas_to_scan)
+            self._keep(scan.path, atlas, cached)
+        cached.seconds = {"registration_cached": time.perf_counter() - clock}
+        return cached
+
+    def aligned(self, scan_path, atlas: Volume) -> Tuple[Volume, Alignment]:
+        """The scan (a file) on the atlas grid, resampled once and kept as NIfTI, and its
+        alignment (with its similarity)."""
+        _, image_path = self._paths(scan_path)
+        cached = self._cached(scan_path, atlas)
+        if image_path.exists() and cached is not None and cached.similarity is not None:
+            image = load_image(image_path)
+            return Volume(image.array, image.affine, None, str(scan_path)), cached
+        scan = load_image(scan_path)
+        alignment = self.alignment(scan, atlas)
+        aligned = to_atlas_space(scan, alignment)
+        save_volume(aligned.array, image_path, aligned.affine)
+        return aligned, alignment
 
     def aligned_image(self, scan_path, atlas: Volume) -> Volume:
-        """The scan (a file) on the atlas grid, resampled once and kept as NIfTI."""
-        _, image_path = self._paths(scan_path)
-        if image_path.exists() and self._cached(scan_path, atlas) is not None:
-            aligned = load_image(image_path)
-            return Volume(aligned.array, aligned.affine, None, str(scan_path))
-        scan = load_image(scan_path)
-        aligned = to_atlas_space(scan, self.alignment(scan, atlas))
-        save_volume(aligned.array, image_path, aligned.affine)
-        return aligned
+        return self.aligned(scan_path, atlas)[0]

@@ -90,17 +90,23 @@ def prepare_aligned_subjects(config: DataConfig, subjects: Sequence[str], atlas_
                              cache_dir=None) -> List[PreparedSubject]:
     """:func:`prepare_subjects` (without labels) for scans registered affinely to the atlas
     first and resampled onto its grid (``data.align: affine``); with ``cache_dir`` every scan
-    is aligned once and read back from there afterwards (e.g. when a run resumes)."""
+    is aligned once and read back from there afterwards (e.g. when a run resumes), and the
+    pool's similarities to the atlas set the thresholds ``ltnet segment`` checks new scans
+    with (``cache_dir/alignment_check.json``, :func:`alignment_check.record_pool`)."""
     from ltnet_keras.data.align import AlignmentCache, register_affine, to_atlas_space
+    from ltnet_keras.data.alignment_check import record_pool
     cache = None if cache_dir is None else AlignmentCache(cache_dir)
-    prepared = []
+    prepared, alignments = [], {}
     for files in subject_files(config, subjects, config.resolved_train_root()):
         if cache is not None:
-            aligned = cache.aligned_image(files.image, atlas_image)
+            aligned, alignment = cache.aligned(files.image, atlas_image)
         else:
             scan, _ = load_subject(files.image)
-            aligned = to_atlas_space(scan, register_affine(scan, atlas_image))
+            alignment = register_affine(scan, atlas_image)
+            aligned = to_atlas_space(scan, alignment)
+        alignments[str(files.image)] = alignment
         prepared.append(prepare_volumes(aligned, None, config.crop_shape, config.factor, files.id))
+    record_pool(alignments, cache_dir)
     return prepared
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from ltnet_keras.data.align import (Alignment, AlignmentCache, RegistrationSettings,
                                check_align_mode, load_ants, register_affine, to_atlas_space)
 from ltnet_keras.config import load_config
+from ltnet_keras.data.alignment_check import AlignmentChecker
 from ltnet_keras.data.dataset import PreparedSubject, prepare_volumes
 from ltnet_keras.data.errors import VolumeError
 from ltnet_keras.data.io import (Volume, load_image, load_subject, output_suffix, save_volume,
@@ -43,7 +44,6 @@ ALIGNED_DIR = "aligned"
 # and a slab or a thumbnail cannot be registered to it (it would still get a label map, made
 # of atlas labels warped into padding). Whole-head scans of any usual resolution pass.
 MIN_FIELD_OF_VIEW_FRACTION = 0.5
-
 
 
 @dataclass
@@ -196,7 +196,7 @@ class Segmenter:
                  label_interp: Optional[str] = None, jit_compile: bool = False,
                  align: Optional[str] = None,
                  registration: Optional[RegistrationSettings] = None, alignment_cache=None,
-                 refine: Optional[RefineSettings] = None):
+                 refine: Optional[RefineSettings] = None, alignment_check: str = "refuse"):
         import tensorflow as tf
 
         from ltnet_keras.models.generators import make_generator
@@ -214,6 +214,7 @@ class Segmenter:
         self.registration = registration or RegistrationSettings()
         self.alignment_cache = None if alignment_cache is None else AlignmentCache(
             alignment_cache, self.registration)
+        self.checker = AlignmentChecker.for_run(run_dir, alignment_check)
         if self.align == "affine":
             load_ants()  # now, not inside the first case's timing
         self.table = LabelTable.from_ids(record["label_ids"])
@@ -286,9 +287,13 @@ class Segmenter:
         """Read a scan, check that this run can segment it and put it on the network grid.
 
         Refuses (VolumeError naming the file) what ``data.io`` refuses, a constant image, and
-        a scan too small for the atlas' field of view (:func:`check_field_of_view`).
+        a scan too small for the atlas' field of view (:func:`check_field_of_view`); aligning,
+        one that resembles the atlas too little once aligned (:meth:`alignment`).
         """
-        return self._load_and_prepare(image_path)[1]
+        image, prepared = self._load_and_prepare(image_path)
+        if self.align == "affine":
+            self.alignment(image)   # checked before any output is written, and kept
+        return prepared
 
     def _load_and_prepare(self, image_path):
         image = load_image(image_path)
@@ -342,10 +347,11 @@ class Segmenter:
                             network_field=field, refinement=refined)
 
     def alignment(self, scan) -> Alignment:
-        """The affine registration of a loaded scan to the atlas (from the cache if kept)."""
-        if self.alignment_cache is not None:
-            return self.alignment_cache.alignment(scan, self.atlas_volume)
-        return register_affine(scan, self.atlas_volume, self.registration)
+        """The affine registration of a loaded scan to the atlas (from the cache if kept),
+        checked once per file: a poor match is refused or reported (``alignment_check``)."""
+        cache, atlas = self.alignment_cache, self.atlas_volume
+        return self.checker.checked(scan.path, lambda: cache.alignment(scan, atlas) if cache
+                                    else register_affine(scan, atlas, self.registration))
 
     def _segment_aligned(self, image_path) -> Segmentation:
         """Register the scan to the atlas, run G_F in atlas space, and pull the atlas labels

@@ -204,7 +204,11 @@ def test_register_affine_recovers_a_known_move():
     error = np.linalg.norm((points @ alignment.atlas_to_scan.T - points @ move.matrix.T)[:, :3],
                            axis=1)
     assert error.mean() < 0.5 and error.max() < 1.5, (error.mean(), error.max())
-    assert set(alignment.seconds) == {"registration_resample", "registration_ants"}
+    assert set(alignment.seconds) == {"registration_resample", "registration_start",
+                                      "registration_ants", "registration_similarity"}
+    # a small move needs no half turn: ANTs' own start, as before the start search
+    assert alignment.start == "identity" and set(alignment.start_scores) == {"identity", "x",
+                                                                             "y", "z"}
     # the same seed gives the same registration (up to ITK's multi-threaded sums)
     again = align.register_affine(scan, atlas, settings)
     difference = np.linalg.norm((points @ (again.atlas_to_scan - alignment.atlas_to_scan).T)
@@ -267,7 +271,9 @@ def test_alignment_cache_registers_each_scan_once(tmp_path, monkeypatch):
 
     def fake_register(scan, atlas, settings=None):
         calls.append(scan.path)
-        return Alignment.identity(scan, atlas.shape, atlas.affine)
+        alignment = Alignment.identity(scan, atlas.shape, atlas.affine)
+        alignment.similarity = 0.9
+        return alignment
 
     monkeypatch.setattr(align, "register_affine", fake_register)
     affine = axis_affine(("L", "P", "S"))
@@ -423,6 +429,22 @@ def test_moved_mgz_scan_segments_like_the_unmoved_one(segmenters, s31_in_place, 
     assert abs(moved_dice - in_place_dice) < 0.01, (moved_dice, in_place_dice)
 
 
+@pytest.mark.slow
+def test_segment_refuses_a_scan_that_is_not_a_head(segmenters, lpba40_root, tmp_path):
+    """Smooth noise in a head-sized ellipsoid, on a 2 mm grid with the atlas' field of view:
+    aligned, it resembles the atlas too little; segment refuses it by name, writing nothing."""
+    from ltnet_keras.data.alignment_check import not_a_head
+    from ltnet_keras.data.errors import VolumeError
+    atlas = load_image(lpba40_root / "images" / "S13.nii.gz")
+    like = Volume(np.zeros((80, 96, 80), np.float32), atlas.affine @ np.diag([2, 2, 2, 1.0]),
+                  None, "x")
+    blob = not_a_head(like, "blob", seed=0)
+    path = save_volume(blob.array, tmp_path / "phantom.nii.gz", blob.affine)
+    with pytest.raises(VolumeError, match=r"phantom\.nii\.gz.*NCC 0\.[0-4].*head MRI"):
+        segmenters["affine"].segment_to_files(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("*"))
+
+
 # ------------------------------------------------------------------------------ training
 
 def write_raw_synthetic_dataset(root):
@@ -491,6 +513,15 @@ def test_training_pool_is_aligned_to_the_atlas_once(tmp_path, monkeypatch):
     again = load_training_data(config, cache_dir=tmp_path / "aligned")
     assert len(calls) == 2      # read back from the cache, not registered again
     np.testing.assert_array_equal(again.targets[0].image, data.targets[0].image)
+    # The pool's similarities, as the cache keeps them, set the run's check thresholds.
+    from ltnet_keras.data.alignment_check import AlignmentChecker, AlignmentThresholds
+    kept = {sid: json.loads((tmp_path / "aligned" / f"{sid}.json").read_text())["alignment"]
+            for sid in ("SYN02", "SYN03")}
+    assert all(k["start"] == "identity" and k["similarity"] > 0.8 for k in kept.values()), kept
+    recorded = AlignmentChecker.for_run(tmp_path).thresholds    # reads <run>/aligned/
+    assert recorded.pool == {sid: k["similarity"] for sid, k in kept.items()}
+    assert recorded == AlignmentThresholds.from_pool(recorded.pool)
+    assert recorded.refuse <= recorded.warn < min(recorded.pool.values())
 
 
 @pytest.mark.slow
@@ -503,7 +534,7 @@ def test_a_folder_of_raw_scans_trains_and_segments(tmp_path):
     result = train(raw_config(root), run, verbose=0)
     assert result.steps_done == 2
     assert sorted(p.name for p in (run / "aligned").iterdir()) == [
-        "SYN02.json", "SYN02.nii.gz", "SYN03.json", "SYN03.nii.gz"]
+        "SYN02.json", "SYN02.nii.gz", "SYN03.json", "SYN03.nii.gz", "alignment_check.json"]
     segmenter = Segmenter(run, alignment_cache=run / "aligned")
     assert segmenter.align == "affine"                     # the run's data.align
     segmentation = segmenter.segment(root / "images" / "SYN02.mgz")

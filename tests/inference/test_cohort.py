@@ -1,0 +1,210 @@
+"""`ltnet segment --image-list FILE --shard I/N`: cohorts split over a job array (issue 20).
+
+The end-to-end tests use an untrained run on SYNTHETIC 32^3 phantoms (network grid 16^3, 4
+channels): cheap, and what is tested (which scans each task takes, the names, the bytes,
+skipping and failures) does not depend on how good the labels are.
+"""
+import shutil
+from pathlib import Path
+
+import ltnet_keras  # noqa: F401  (must precede TensorFlow)
+
+import pytest
+
+from ltnet_keras import cli
+from ltnet_keras.data.errors import VolumeError
+from ltnet_keras.inference.cohort import Shard, parse_shard, read_image_list
+
+
+def run_cli(capsys, *argv):
+    code = cli.main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def write_list(path, lines):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------ the list
+
+def test_image_list_skips_blanks_and_comments_and_resolves_relative_paths(tmp_path):
+    scans = tmp_path / "scans"
+    scans.mkdir()
+    for name in ("a.nii.gz", "b.mgz"):
+        (scans / name).write_bytes(b"")
+    listed = write_list(tmp_path / "lists" / "cohort.txt",
+                        ["# site 1", "", "../scans/a.nii.gz", "   ", f"  {scans / 'b.mgz'}  "])
+    assert read_image_list(listed) == [tmp_path / "lists" / ".." / "scans" / "a.nii.gz",
+                                       scans / "b.mgz"]
+
+
+@pytest.mark.parametrize("case", ["missing", "folder", "empty", "no_list"])
+def test_bad_image_list_names_the_list_and_line(tmp_path, case):
+    (tmp_path / "a.nii.gz").write_bytes(b"")
+    (tmp_path / "sub").mkdir()
+    bad = {"missing": "nope.nii.gz", "folder": "sub"}.get(case)
+    listed = tmp_path / "cohort.txt"
+    if case != "no_list":
+        write_list(listed, ["# header", "" if case == "empty" else "a.nii.gz"]
+                   + ([bad] if bad else []))
+    with pytest.raises(VolumeError) as error:
+        read_image_list(listed)
+    message = str(error.value)
+    assert message.startswith(str(listed))
+    expected = {"missing": f"line 3: nope.nii.gz: no such file ({tmp_path / 'nope.nii.gz'})",
+                "folder": "line 3: sub: is a folder, not a file",
+                "empty": "names no scans", "no_list": "image list not found"}[case]
+    assert expected in message, message
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("3/3", "I must be 0 ... 2"), ("1/0", "N must be at least 1"), ("-1/3", "expected I/N"),
+    ("1", "expected I/N"), ("a/b", "expected I/N")])
+def test_bad_shard_is_refused_with_what_is_wrong(text, problem):
+    with pytest.raises(ValueError, match=problem):
+        parse_shard(text)
+
+
+def test_shards_cover_the_list_once():
+    items = list(range(11))
+    for count in (1, 2, 3, 4, 11, 13):
+        taken = [Shard(index, count).take(items) for index in range(count)]
+        assert sorted(sum(taken, [])) == items
+        assert max(map(len, taken)) - min(map(len, taken)) <= 1
+    assert parse_shard(" 2/5 ") == Shard(2, 5) and str(Shard(2, 5)) == "2/5"
+
+
+# ------------------------------------------------------------------------------ end to end
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory):
+    """An untrained synthetic run (train.steps 0: G_F's initial weights, saved as a finished
+    run saves them) and a list of 5 scans, two of them named alike in two folders
+    (a/scan, b/scan): their output names depend on the whole list, not on one shard."""
+    from ltnet_keras.config import config_from_dict
+    from ltnet_keras.data.synthetic import write_synthetic_dataset
+    from ltnet_keras.training import train
+    root = tmp_path_factory.mktemp("cohort")
+    data = write_synthetic_dataset(root / "data", n_subjects=6, shape=(32, 32, 32))
+    config = config_from_dict({
+        "preset": "voxelmorph",
+        "data": {"root": str(data), "atlas": "SYN01", "train_subjects": ["SYN01", "SYN02"],
+                 "val_subjects": [], "crop_shape": [32, 32, 32], "factor": 2},
+        "network": {"enc_features": [4] * 4, "dec_features": [4] * 7},
+        "train": {"steps": 0}})
+    train(config, root / "run", verbose=0)
+    images = data / "images"
+    for folder, subject in (("a", "SYN03"), ("b", "SYN06")):
+        (root / folder).mkdir()
+        shutil.copy(images / f"{subject}.nii.gz", root / folder / "scan.nii.gz")
+    listed = write_list(root / "lists" / "cohort.txt", [
+        "# five scans", "../data/images/SYN02.nii.gz", str(root / "a" / "scan.nii.gz"), "",
+        "../b/scan.nii.gz", "../data/images/SYN04.nii.gz", "../data/images/SYN05.nii.gz"])
+    return root / "run", listed
+
+
+def segment_args(cohort, out, *options):
+    run, listed = cohort
+    return ["segment", "--run", run, "--image-list", listed, "--out", out, "--align", "none",
+            "--save-field", *options]
+
+
+def files_of(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file()}
+
+
+@pytest.mark.slow
+def test_three_shards_write_the_files_of_one_unsharded_run_bit_for_bit(cohort, tmp_path,
+                                                                       capsys):
+    whole = tmp_path / "whole"
+    code, printed, err = run_cli(capsys, *segment_args(cohort, whole))
+    assert code == 0, err
+    assert printed.splitlines()[-1] == ("5 scans: 5 segmented, 0 skipped (output exists; "
+                                        "--overwrite to redo), 0 failed")
+    expected = files_of(whole)
+    assert sorted(expected) == sorted(
+        [f"{name}.nii.gz" for name in ("SYN02", "a_scan", "b_scan", "SYN04", "SYN05")]
+        + [f"forward_field/{name}.nii.gz" for name in ("SYN02", "a_scan", "b_scan", "SYN04",
+                                                       "SYN05")])
+
+    sharded = tmp_path / "sharded"
+    taken = {}
+    for index in range(3):
+        code, printed, err = run_cli(capsys, *segment_args(cohort, sharded, "--shard",
+                                                           f"{index}/3"))
+        assert code == 0, err
+        taken[index] = [line.split(" -> ")[1].split(" (")[0] for line in printed.splitlines()
+                        if " -> " in line]
+        assert printed.splitlines()[-1].startswith(f"shard {index}/3: {len(taken[index])} "
+                                                   f"scans: {len(taken[index])} segmented")
+    # every third listed scan from the I-th, as listed
+    assert [[Path(p).name for p in taken[i]] for i in range(3)] == [
+        ["SYN02.nii.gz", "SYN04.nii.gz"], ["a_scan.nii.gz", "SYN05.nii.gz"], ["b_scan.nii.gz"]]
+    assert files_of(sharded) == expected  # same names, same bytes, nothing else
+
+    # A re-submitted task resumes: its scans are done, so it skips them and writes nothing.
+    code, printed, err = run_cli(capsys, *segment_args(cohort, sharded, "--shard", "1/3"))
+    assert code == 0, err
+    assert printed.splitlines() == ["shard 1/3: 2 scans: 0 segmented, 2 skipped (output "
+                                    "exists; --overwrite to redo), 0 failed"]
+    assert files_of(sharded) == expected
+
+
+@pytest.mark.slow
+def test_a_bad_scan_is_reported_and_the_rest_of_the_cohort_goes_on(cohort, tmp_path, capsys):
+    run, listed = cohort
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_text("not an image")
+    good = (listed.parent / "../data/images/SYN02.nii.gz").resolve()
+    cohort_list = write_list(tmp_path / "cohort.txt", [str(bad), str(good)])
+    out = tmp_path / "out"
+    code, printed, err = run_cli(capsys, *segment_args((run, cohort_list), out))
+    assert code == 1
+    assert printed.splitlines()[-1] == ("2 scans: 1 segmented, 0 skipped (output exists; "
+                                        "--overwrite to redo), 1 failed")
+    assert f"ltnet segment: failed: {bad}: " in err
+    assert (out / "SYN02.nii.gz").is_file() and not (out / "bad.nii.gz").exists()
+    assert not [p for p in out.rglob(".*")]  # no temporary file left behind
+
+    # A label map without the field asked for now (as an earlier run without --save-field
+    # leaves): an error for that scan, and its label map is not silently redone.
+    (out / "forward_field" / "SYN02.nii.gz").unlink()
+    labels = (out / "SYN02.nii.gz").read_bytes()
+    code, printed, err = run_cli(capsys, *segment_args((run, cohort_list), out))
+    assert code == 1
+    assert "SYN02.nii.gz exists but not" in err and "--overwrite" in err
+    assert not (out / "forward_field" / "SYN02.nii.gz").exists()
+    assert (out / "SYN02.nii.gz").read_bytes() == labels
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--shard", "1/3"], "--shard needs --image-list"),
+])
+def test_shard_without_a_list_is_refused(tmp_path, capsys, extra, message):
+    code, printed, err = run_cli(capsys, "segment", "--run", tmp_path, "--image",
+                                 tmp_path / "a.nii.gz", "--out", tmp_path / "out", *extra)
+    assert code == 2 and message in err
+
+
+def test_a_scan_listed_twice_is_refused_before_any_work(tmp_path, capsys):
+    scan = tmp_path / "S1.nii.gz"
+    scan.write_bytes(b"")
+    listed = write_list(tmp_path / "cohort.txt", ["S1.nii.gz", str(scan)])
+    # The run folder does not exist: the list is refused before the run is even looked at.
+    code, printed, err = run_cli(capsys, "segment", "--run", tmp_path / "no_run", "--image-list",
+                                 listed, "--out", tmp_path / "out", "--shard", "0/2")
+    assert code == 2
+    assert f"ltnet segment: error: {scan}: this scan is given more than once" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_shard_on_the_command_line_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as error:
+        cli.main(["segment", "--run", str(tmp_path), "--image-list", str(tmp_path / "l.txt"),
+                  "--out", str(tmp_path / "out"), "--shard", "3/3"])
+    assert error.value.code == 2
+    assert "--shard '3/3': I must be 0 ... 2" in capsys.readouterr().err
