@@ -12,6 +12,10 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import ltnet_keras  # noqa: F401  (sets up tf.keras before TensorFlow loads)
+from ltnet_keras._compat import start_tensorflow_quietly
+
+# A table script's terminal shows progress and results, not TensorFlow's C++ start-up log.
+start_tensorflow_quietly()
 from ltnet_keras.study import arguments, table_run
 from ltnet_keras.study.arguments import parse_set  # noqa: F401
 from ltnet_keras.study.recipe import (RECIPE_SUFFIX, config_differences,  # noqa: F401

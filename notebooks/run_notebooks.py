@@ -5,7 +5,7 @@ the machine has), from the ``notebooks/`` folder, and is written back with its o
 figures embedded as PNG) but without per-cell timing metadata, so re-running it changes only
 what the figures and printed numbers change. A notebook larger than ``--max-mb`` is refused.
 
-    .venv/bin/python notebooks/run_notebooks.py                      # both, on results/
+    .venv/bin/python notebooks/run_notebooks.py                      # all three, on results/
     .venv/bin/python notebooks/run_notebooks.py fig4_label_overlays.ipynb
     LTNET_RUN_DIR=runs/table2/ltnet .venv/bin/python notebooks/run_notebooks.py --out /tmp/nb
 
@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 NOTEBOOKS_DIR = Path(__file__).resolve().parent
-NOTEBOOKS = ("fig3_warped_atlases.ipynb", "fig4_label_overlays.ipynb")
+NOTEBOOKS = ("fig3_warped_atlases.ipynb", "fig4_label_overlays.ipynb", "freesurfer_atlas.ipynb")
 MAX_MB = 1.5
 # The C++ log lines TensorFlow writes to stderr when it starts (absl's "I0000 12:00:00.0 123
 # port.cc:153] oneDNN ...", CUDA not found, ...): machine chatter, not something a notebook
