@@ -97,6 +97,12 @@ def native_stderr_filtered(noise=_STARTUP_NOISE):
                 sys.stderr.flush()
 
 
+def _one_line_warning(message, category, filename, lineno, line=None):
+    """What is left after the filters is ours and names its file: the source line Python
+    adds would only say where in the package the warning was raised."""
+    return f"warning: {message}\n"
+
+
 def start_tensorflow_quietly():
     """Import TensorFlow and let it find its devices with the start-up noise filtered out, and
     keep TensorFlow's, absl's and third-party Python warnings out of the terminal: a command
@@ -105,6 +111,7 @@ def start_tensorflow_quietly():
     warnings.filterwarnings("ignore", module=_THIRD_PARTY_WARNINGS)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.formatwarning = _one_line_warning
     with native_stderr_filtered():
         import tensorflow as tf
         tf.config.list_physical_devices()

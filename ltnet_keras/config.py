@@ -42,6 +42,14 @@ class DataConfig:
     ``align``: ``"none"`` when the scans already share the atlas' space (LPBA40); ``"affine"``
     registers every scan affinely to the atlas first (ANTs; cached in the run directory), so a
     folder of raw scans in any orientation, voxel size and head position trains.
+    ``crop``: where each scan's crop window sits. ``"brain"``: centred on that scan's own
+    brain (scans in one common space, as LPBA40: G_F learns the small offsets between the
+    windows). ``"atlas"``: the atlas' window for every scan, which is right once a scan has been
+    aligned onto the atlas' grid: cropping it around its own brain would undo part of the
+    alignment, and a pool whose brains are cut differently from the atlas' (LPBA40's masks
+    against a FreeSurfer ``brainmask.mgz``: 12 voxels apart along I-S) teaches G_F a shift
+    that the scans it later segments do not have. ``"auto"``: ``"atlas"`` with ``align:
+    affine``, ``"brain"`` otherwise (:meth:`resolved_crop`).
     ``extra_atlases``: further labelled subjects that training draws, beside ``atlas``, as the
     moving image of each pair (pairwise training, as VoxelMorph is trained), so one G_F serves
     several atlases at test time (``ltnet segment --atlases``); ``atlas`` stays the one
@@ -57,6 +65,13 @@ class DataConfig:
     crop_shape: Tuple[int, int, int] = (160, 192, 160)
     factor: int = 2
     align: str = "none"
+    crop: str = "auto"
+
+    def resolved_crop(self) -> str:
+        """``crop`` with ``"auto"`` decided by ``align`` (see the class docstring)."""
+        if self.crop != "auto":
+            return self.crop
+        return "atlas" if self.align == "affine" else "brain"
 
     def resolved_root(self) -> Path:
         return _beside_default_root(self.root) if self.root else default_data_root()
@@ -229,6 +244,7 @@ PRESETS: Dict[str, Dict[str, float]] = {
 SEGMENT_INTERPOLATIONS = ("linear", "nearest")
 RECONSTRUCTIONS = ("two_warps", "composed")
 ALIGN_MODES = ("none", "affine")
+CROP_MODES = ("auto", "brain", "atlas")
 
 
 def _check_choice(value, valid, what):
@@ -282,6 +298,7 @@ def validate(config: ExperimentConfig) -> None:
     _check_choice(config.segment.label_interp, SEGMENT_INTERPOLATIONS, "segment.label_interp")
     _check_choice(config.network.disc_norm, ("instance", "batch", "none"), "network.disc_norm")
     _check_choice(config.data.align, ALIGN_MODES, "data.align")
+    _check_choice(config.data.crop, CROP_MODES, "data.crop")
     extra = list(config.data.extra_atlases)
     if extra and config.data.align != "none":
         raise ValueError("data.extra_atlases needs data.align: none (scans in one space)")

@@ -124,3 +124,24 @@ def test_tensorflow_log_level_respects_the_users_value(monkeypatch):
     monkeypatch.delenv("TF_CPP_MIN_LOG_LEVEL")
     _compat.set_tensorflow_log_level()
     assert os.environ["TF_CPP_MIN_LOG_LEVEL"] == "3"
+
+
+def test_after_a_quiet_start_our_warnings_are_one_line_naming_the_file(monkeypatch):
+    """The label-table warning of a FreeSurfer aseg reaches a command line user as one line
+    that names the file, without Python's 'path:line: UserWarning' and source-code lines."""
+    import warnings
+
+    from ltnet_keras.data.labels import LabelTable
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    monkeypatch.setattr(warnings, "filters", list(warnings.filters))
+    table = LabelTable(ids=np.array([2, 3]), names=["a", "b"], structures=["a", "b"])
+    with pytest.warns(UserWarning) as caught:
+        table.restrict(np.array([[[0, 2, 3, 77, 77]]]), source="sub-09/aseg.mgz")
+    shown = warnings.formatwarning(caught[0].message, caught[0].category, caught[0].filename,
+                                   caught[0].lineno)
+    assert "UserWarning" in shown and "table.restrict(" in shown   # Python's default
+    _compat.start_tensorflow_quietly()
+    shown = warnings.formatwarning(caught[0].message, caught[0].category, caught[0].filename,
+                                   caught[0].lineno)
+    assert shown == ("warning: sub-09/aseg.mgz: label ids [77] are not in the label table: "
+                     "their 2 voxels are background\n")

@@ -105,3 +105,23 @@ def test_mgz_in_mgz_out_on_the_input_grid_with_table_ids_only(protocol_run, free
     present = set(np.unique(labels).tolist())
     assert present - {0} and present <= {0, 1, 2, 3, 4}, present
     assert not present & set(OUTSIDE)
+
+
+def test_table4_csv_keeps_method_names_with_commas_in_one_column():
+    """"ANTs SyN, 1 atlas" once split into two columns and shifted the whole row."""
+    import csv
+    import io
+
+    from ltnet_keras.evaluation import SubjectScores
+    from ltnet_keras.study.protocol_table import Timed, protocol_csv
+    from ltnet_keras.study.tables import PAPER_TABLE4
+    row = Timed()
+    row.add(SubjectScores("sub-01", labels={10: 0.5, 49: 0.7}, structures={"Thalamus-Proper": 0.6}),
+            12.345)
+    lines = list(csv.reader(io.StringIO(protocol_csv({"syn": row}, {"syn": "ANTs SyN, 1 atlas"}))))
+    assert len(lines) == 2 and len(lines[1]) == len(lines[0]) == 4 + len(PAPER_TABLE4["structures"])
+    record = dict(zip(lines[0], lines[1]))
+    assert record["method"] == "ANTs SyN, 1 atlas" and record["subject"] == "sub-01"
+    assert float(record["mean_label"]) == pytest.approx(0.6)
+    assert float(record["Thalamus-Proper"]) == pytest.approx(0.6)
+    assert record["seconds"] == "12.35" and record["Caudate"] == "nan"

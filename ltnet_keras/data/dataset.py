@@ -39,10 +39,16 @@ def prepare_subject(image_path, label_path=None, crop_shape=(160, 192, 160), fac
 
 
 def prepare_volumes(image: Volume, labels: Optional[Volume], crop_shape, factor,
-                    subject: str = "") -> PreparedSubject:
-    """:func:`prepare_subject` for volumes already loaded (and checked) by ``data.io``."""
+                    subject: str = "", grid: Optional[GridSpec] = None) -> PreparedSubject:
+    """:func:`prepare_subject` for volumes already loaded (and checked) by ``data.io``;
+    ``grid``: a given crop window (the atlas', ``data.crop: atlas``) instead of one centred
+    on this scan's brain."""
     normalised = normalise_intensity(image.array, source=image.path)
-    grid = GridSpec.centred_on(normalised, crop_shape, factor)
+    if grid is None:
+        grid = GridSpec.centred_on(normalised, crop_shape, factor)
+    elif tuple(grid.original_shape) != tuple(image.array.shape[:3]):
+        raise VolumeError(image.path, f"grid {tuple(image.array.shape[:3])} is not the grid "
+                                      f"{tuple(grid.original_shape)} its crop window is for")
     return PreparedSubject(
         subject=subject or subject_id(image.path),
         image=grid.to_network(normalised, "image"),
@@ -76,23 +82,29 @@ def check_subject_files(files: Sequence[SubjectFiles],
 
 
 def prepare_subjects(config: DataConfig, subjects: Sequence[str], with_labels: bool,
-                     table: Optional[LabelTable] = None) -> List[PreparedSubject]:
+                     table: Optional[LabelTable] = None,
+                     atlas_grid: Optional[GridSpec] = None) -> List[PreparedSubject]:
+    """:func:`prepare_subject` for each of ``subjects``; with ``atlas_grid``, cropped with that
+    window instead of one centred on each brain."""
     prepared = []
     for files in subject_files(config, subjects):
         if with_labels and files.label is None:
             raise VolumeError(files.image, "no label map found for this subject")
-        prepared.append(prepare_subject(files.image, files.label if with_labels else None,
-                                        config.crop_shape, config.factor, table, files.id))
+        image, labels = load_subject(files.image, files.label if with_labels else None, table)
+        prepared.append(prepare_volumes(image, labels, config.crop_shape, config.factor,
+                                        files.id, atlas_grid))
     return prepared
 
 
 def prepare_aligned_subjects(config: DataConfig, subjects: Sequence[str], atlas_image: Volume,
-                             cache_dir=None) -> List[PreparedSubject]:
+                             cache_dir=None,
+                             atlas_grid: Optional[GridSpec] = None) -> List[PreparedSubject]:
     """:func:`prepare_subjects` (without labels) for scans registered affinely to the atlas
     first and resampled onto its grid (``data.align: affine``); with ``cache_dir`` every scan
     is aligned once and read back from there afterwards (e.g. when a run resumes), and the
     pool's similarities to the atlas set the thresholds ``ltnet segment`` checks new scans
-    with (``cache_dir/alignment_check.json``, :func:`alignment_check.record_pool`)."""
+    with (``cache_dir/alignment_check.json``, :func:`alignment_check.record_pool`). With
+    ``atlas_grid`` every aligned scan is cropped with the atlas' window (``data.crop``)."""
     from ltnet_keras.data.align import AlignmentCache, register_affine, to_atlas_space
     from ltnet_keras.data.alignment_check import record_pool
     cache = None if cache_dir is None else AlignmentCache(cache_dir)
@@ -105,7 +117,8 @@ def prepare_aligned_subjects(config: DataConfig, subjects: Sequence[str], atlas_
             alignment = register_affine(scan, atlas_image)
             aligned = to_atlas_space(scan, alignment)
         alignments[str(files.image)] = alignment
-        prepared.append(prepare_volumes(aligned, None, config.crop_shape, config.factor, files.id))
+        prepared.append(prepare_volumes(aligned, None, config.crop_shape, config.factor, files.id,
+                                        atlas_grid))
     record_pool(alignments, cache_dir)
     return prepared
 
@@ -153,11 +166,12 @@ def load_training_data(config: DataConfig, atlas: Optional[str] = None,
     if not pool:
         raise ValueError("the training pool is empty once the atlas is taken out")
     # The pool is used without labels: this is the one-shot setting.
+    atlas_grid = atlas_subject.grid if config.resolved_crop() == "atlas" else None
     if config.align == "affine":
         atlas_image, _ = load_subject(atlas_subject.image_path)
-        targets = prepare_aligned_subjects(config, pool, atlas_image, cache_dir)
+        targets = prepare_aligned_subjects(config, pool, atlas_image, cache_dir, atlas_grid)
     else:
-        targets = prepare_subjects(config, pool, with_labels=False)
+        targets = prepare_subjects(config, pool, with_labels=False, atlas_grid=atlas_grid)
     one_hot = table.one_hot(atlas_subject.labels, source=atlas_subject.label_path)
     extra_one_hot = [table.one_hot(s.labels, source=s.label_path) for s in extra]
     return TrainingData(atlas_subject, one_hot, targets, table, extra, extra_one_hot)

@@ -229,6 +229,8 @@ class Segmenter:
             atlas_volume, atlas_label_volume, data.crop_shape, data.factor, record["atlas"])
         self.atlas_image = atlas_volume.array
         self.atlas_labels = atlas_label_volume.array
+        # As in training (data.crop): every scan on the atlas' grid gets the atlas' window.
+        self._crop_window = self.atlas.grid if data.resolved_crop() == "atlas" else None
         first, stop = brain_bbox(self.atlas_labels > 0)
         self._labelled_box = (np.array(first, np.float64), np.array(stop, np.float64) - 1.0)
         self.refine = refine
@@ -300,7 +302,7 @@ class Segmenter:
         check_field_of_view(image, self.atlas_volume)
         data = self.config.data
         return image, prepare_volumes(image, None, data.crop_shape, data.factor,
-                                      subject_id(image_path))
+                                      subject_id(image_path), self._crop_window)
 
     def field_for(self, target: PreparedSubject, image: np.ndarray, seconds: dict):
         """The forward field labels are warped with, and its grid's factor on the crop: G_F's
@@ -369,7 +371,7 @@ class Segmenter:
         aligned = to_atlas_space(scan, alignment)
         data = self.config.data
         target = prepare_volumes(aligned, None, data.crop_shape, data.factor,
-                                 subject_id(image_path))
+                                 subject_id(image_path), self._crop_window)
         seconds["to_atlas_space"] = time.perf_counter() - clock
 
         field, factor, refined = self.field_for(target, aligned.array, seconds)

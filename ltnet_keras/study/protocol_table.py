@@ -14,6 +14,8 @@ each validation subject through an affine alignment (ANTs) and is scored on the 
 
 Seconds per case are wall times of each method on this machine, in one process, one thread.
 """
+import csv
+import io
 import json
 import time
 from pathlib import Path
@@ -143,16 +145,18 @@ def protocol_markdown(rows: Mapping[str, Timed], labels: Mapping[str, str], titl
 
 
 def protocol_csv(rows: Mapping[str, Timed], labels: Mapping[str, str]) -> str:
-    """One line per (method, subject): seconds, mean over the labels, each structure."""
+    """One line per (method, subject): seconds, mean over the labels, each structure. Quoted
+    by the csv module: method names hold commas ("ANTs SyN, 1 atlas")."""
     structures = PAPER_TABLE4["structures"]
-    lines = [",".join(["method", "subject", "seconds", "mean_label", *structures])]
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["method", "subject", "seconds", "mean_label", *structures])
     for key, timed in rows.items():
         for scores, seconds in zip(timed.scores, timed.seconds):
-            lines.append(",".join([labels.get(key, key), scores.subject, f"{seconds:.2f}",
-                                   f"{scores.mean_label:.6f}"]
-                                  + [f"{scores.structures.get(s, np.nan):.6f}"
-                                     for s in structures]))
-    return "\n".join(lines) + "\n"
+            writer.writerow([labels.get(key, key), scores.subject, f"{seconds:.2f}",
+                             f"{scores.mean_label:.6f}"]
+                            + [f"{scores.structures.get(s, np.nan):.6f}" for s in structures])
+    return text.getvalue()
 
 
 def write_protocol_table(out_dir, rows: Mapping[str, Timed], labels: Mapping[str, str],

@@ -58,3 +58,36 @@ def test_extra_atlases_are_checked():
     with pytest.raises(ValueError, match="align: none"):
         config_from_dict({"data": {"extra_atlases": ["S12"], "align": "affine",
                                    "atlas": "S11"}})
+
+
+def test_atlas_crop_gives_every_pool_scan_the_atlas_window(synthetic_root):
+    """data.crop: 'atlas' crops every scan with the atlas' window (scans aligned onto its
+    grid); 'brain' centres each window on that scan's own brain, which differs here."""
+    def starts(crop):
+        config = _config(synthetic_root)
+        config.crop = crop
+        data = load_training_data(config)
+        return data.atlas.grid.crop_start, [t.grid.crop_start for t in data.targets]
+
+    atlas_start, pool_starts = starts("atlas")
+    assert pool_starts == [atlas_start] * 3
+    atlas_start, pool_starts = starts("brain")
+    assert any(start != atlas_start for start in pool_starts)
+
+
+def test_crop_auto_follows_the_alignment():
+    assert DataConfig(align="affine", atlas="S01").resolved_crop() == "atlas"
+    assert DataConfig().resolved_crop() == "brain"
+    assert DataConfig(crop="brain", align="affine").resolved_crop() == "brain"
+    with pytest.raises(ValueError, match="data.crop"):
+        config_from_dict({"data": {"crop": "centre"}})
+
+
+def test_a_window_for_another_grid_is_refused_naming_the_scan(synthetic_root):
+    from ltnet_keras.data.dataset import prepare_volumes
+    from ltnet_keras.data.io import Volume
+    from ltnet_keras.data.preprocess import GridSpec
+    image = Volume(np.ones((30, 32, 32), np.float32), np.eye(4), None, "scans/odd.nii.gz")
+    window = GridSpec((32, 32, 32), (4, 4, 4), (24, 24, 24), 2)
+    with pytest.raises(Exception, match="odd.nii.gz"):
+        prepare_volumes(image, None, (24, 24, 24), 2, grid=window)
