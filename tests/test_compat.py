@@ -132,7 +132,8 @@ def test_after_a_quiet_start_our_warnings_are_one_line_naming_the_file(monkeypat
     import warnings
 
     from ltnet_keras.data.labels import LabelTable
-    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    # Python's default, whatever an earlier test's quiet start left in place.
+    monkeypatch.setattr(warnings, "formatwarning", warnings._formatwarning_orig)
     monkeypatch.setattr(warnings, "filters", list(warnings.filters))
     table = LabelTable(ids=np.array([2, 3]), names=["a", "b"], structures=["a", "b"])
     with pytest.warns(UserWarning) as caught:
