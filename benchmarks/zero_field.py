@@ -24,6 +24,10 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True)
     parser.add_argument("--out", type=Path, help="JSON with every subject's two scores")
+    parser.add_argument("--alignment-cache", type=Path,
+                        help="folder to keep the affine alignments in for a rerun (none by "
+                             "default: the run may be a committed one, and the cache records "
+                             "this machine's paths)")
     args = parser.parse_args(argv)
     tf = start_tensorflow_quietly()
     from ltnet_keras import evaluation
@@ -32,9 +36,8 @@ def main(argv=None):
     from ltnet_keras.data.labels import LabelTable
     from ltnet_keras.inference.segment import Segmenter
     from ltnet_keras.records import atomic_write_text
-    from ltnet_keras.training import ALIGNED_DIR
 
-    segmenter = Segmenter(args.run, alignment_cache=args.run / ALIGNED_DIR)
+    segmenter = Segmenter(args.run, alignment_cache=args.alignment_cache)
     data = segmenter.config.data
     table = LabelTable.from_tsv(data.resolved_labels_tsv())
     network_field = segmenter._predict_field
