@@ -93,17 +93,26 @@ def cmd_segment(args):
 
     from ltnet_keras.inference.cohort import (describe_result, optional_outputs, plan_cohort,
                                               read_image_list)
-    from ltnet_keras.inference.segment import plan_output_paths
+    from ltnet_keras.inference.outputs import plan_output_paths
     if args.shard is not None and args.image_list is None:
         raise ValueError("--shard needs --image-list: every task of the array reads the same "
                          "list and takes its share of it")
+    scan_outputs = _scan_outputs(args)
     if args.image_list is not None:
         # Cohort: the whole list is checked and planned before any work, in every task alike.
         save_aligned = args.save_aligned and args.align == "affine"
-        extras = optional_outputs(args.save_warped_atlas, args.save_field, save_aligned)
-        planned = plan_cohort(read_image_list(args.image_list), args.out, extras, args.shard)
-        return _segment_cohort(args, planned, save_aligned)
-    extras = optional_outputs(args.save_warped_atlas, args.save_field, args.save_aligned)
+        extras = optional_outputs(args.save_warped_atlas, args.save_field, save_aligned,
+                                  args.save_brain_mask)
+        images = read_image_list(args.image_list)
+        planned = plan_cohort(images, args.out, extras, args.shard)
+        status = _segment_cohort(args, planned, save_aligned, scan_outputs)
+        if scan_outputs.wanted:   # every row of the whole list whose scan is done, any shard
+            plans = plan_cohort(images, args.out, extras)
+            scan_outputs.fill_missing(images, [p for _, p in plans])
+            scan_outputs.rebuild(images, [p for _, p in plans])
+        return status
+    extras = optional_outputs(args.save_warped_atlas, args.save_field, args.save_aligned,
+                              args.save_brain_mask)
     plans = plan_output_paths(args.image, args.out, args.overwrite, extras)
     segmenter = _make_segmenter(args)
     # Every scan is read and checked before the first output is written, so a bad file in a
@@ -113,14 +122,46 @@ def cmd_segment(args):
     for image, paths in tqdm(list(zip(args.image, plans)), desc="segment",
                              disable=len(args.image) < 2):
         result = segmenter.segment_to_files(image, args.out, args.save_warped_atlas,
-                                            args.save_field, args.save_aligned, paths=paths)
+                                            args.save_field, args.save_aligned, paths=paths,
+                                            save_brain_mask=args.save_brain_mask)
+        if scan_outputs.wanted:
+            scan_outputs.write(image, paths, result)
         tqdm.write(describe_result(image, paths["labels"], result))
+    if scan_outputs.wanted:
+        scan_outputs.rebuild(args.image, plans)
+
+
+def _scan_outputs(args):
+    """The record/table/report writer ``--volumes``, ``--qc`` and ``--report`` ask for."""
+    from ltnet_keras.data.labels import LabelTable
+    from ltnet_keras.inference.qc import MODEL_FILE, QCModel
+    from ltnet_keras.inference.scan_records import ScanOutputs
+    config = load_config(args.run / "config.yaml") if (args.run / "config.yaml").exists() else None
+    tsv = config.data.resolved_labels_tsv() if config else None
+    if (args.volumes or args.qc or args.report) and (tsv is None or not tsv.is_file()):
+        raise VolumeError(tsv or args.run, "--volumes/--qc/--report need the run's label table "
+                          "(names of the labels); set data.root / $LTNET_DATA")
+    model = None
+    model_path = args.qc_model or args.run / MODEL_FILE
+    if args.qc or (args.report and Path(model_path).is_file()):
+        if not Path(model_path).is_file():
+            raise VolumeError(model_path, "--qc needs a calibrated QC model: this run has none "
+                              "(experiments/qc_calibration.py makes one); or give --qc-model")
+        model = QCModel.load(model_path)
+    protocol = LabelTable.from_tsv(tsv) if tsv is not None and tsv.is_file() else None
+    return ScanOutputs(args.out, protocol, args.volumes, args.qc, args.report, model)
 
 
 def _make_segmenter(args):
     from ltnet_keras.inference.segment import Segmenter
+    from ltnet_keras.data.skull import (BrainFinder, default_template_roots,
+                                        find_head_templates)
+    templates = args.head_template or find_head_templates(default_template_roots(
+        args.data or load_config(args.run / "config.yaml").data.resolved_root()))
     options = {"label_interp": args.label_interp, "align": args.align,
-               "refine": refine_settings(args), "alignment_check": args.alignment_check}
+               "refine": refine_settings(args), "alignment_check": args.alignment_check,
+               "brain_finder": BrainFinder(args.skull, templates),
+               "measure_qc": bool(args.qc or args.report)}
     if args.atlases:
         from ltnet_keras.inference.multi_atlas import MultiAtlasSegmenter, atlas_files
         if args.atlas_image or args.atlas_labels:
@@ -135,13 +176,14 @@ def _make_segmenter(args):
                      **options)
 
 
-def _segment_cohort(args, planned, save_aligned) -> int:
+def _segment_cohort(args, planned, save_aligned, scan_outputs) -> int:
     """Each scan on its own: a failed one is reported and the rest go on; exit status 1 at
     the end if any failed (``EXIT_SOME_FAILED``)."""
     from ltnet_keras.inference.cohort import segment_cohort
     summary = segment_cohort(lambda: _make_segmenter(args), planned, args.shard,
                              args.overwrite, args.save_warped_atlas, args.save_field,
-                             save_aligned, report=lambda line: print(line, flush=True),
+                             save_aligned, args.save_brain_mask, scan_outputs,
+                             report=lambda line: print(line, flush=True),
                              report_error=lambda line: print(f"ltnet segment: {line}",
                                                              file=sys.stderr, flush=True))
     print(summary.line(), flush=True)
@@ -163,15 +205,6 @@ REFINE_OPTIONS = {"refine_levels": "levels", "refine_lr": "learning_rate",
                   "refine_tolerance": "tolerance"}
 
 
-def parse_levels(text: str):
-    """``"4:60,2:40"`` -> ``((4, 60), (2, 40))``: (factor, steps) per level, coarse to fine."""
-    try:
-        return tuple(tuple(int(n) for n in level.split(":", 1)) for level in text.split(","))
-    except ValueError:
-        raise ValueError(f"--refine-levels {text!r}: expected FACTOR:STEPS pairs separated by "
-                         "commas, coarse to fine, e.g. 4:60,2:40 (factors: 1, 2, 4, 8)") from None
-
-
 def refine_settings(args):
     """The refinement ``--refine`` asks for (its defaults, changed by any ``--refine-*``);
     ``None`` without ``--refine``. A ``--refine-*`` option without ``--refine`` is an error."""
@@ -183,10 +216,18 @@ def refine_settings(args):
                                 if getattr(args, o, None) is not None)
             raise ValueError(f"{options}: these options need --refine")
         return None
-    from ltnet_keras.inference.refine import RefineSettings
+    from ltnet_keras.inference.refine import RefineSettings, parse_levels
     if "levels" in given:
         given["levels"] = parse_levels(given["levels"])
     return RefineSettings(**given)
+
+
+def _head_template_option(text):
+    from ltnet_keras.data.skull import parse_head_template
+    try:
+        return parse_head_template(text)
+    except (ValueError, VolumeError) as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -296,6 +337,28 @@ def build_parser() -> argparse.ArgumentParser:
                    "scan far below the training scans' (not a head, or a header turned wrong) "
                    "and warns about a doubtful one; warn only warns; off checks nothing. "
                    "Thresholds: the run's aligned/alignment_check.json, else defaults")
+    p.add_argument("--skull", choices=("auto", "on", "off"), default="auto",
+                   help="whole-head scans: auto (default) detects a scan whose skull is still on "
+                   "(foreground over 2.3 L) and takes the brain out by registration to a head "
+                   "template; on: every scan has its skull; off: scans are skull-stripped")
+    p.add_argument("--head-template", type=_head_template_option, nargs="+",
+                   metavar="IMAGE:MASK", help="head templates (whole-head image and its brain "
+                   "mask); default: subject folders with T1.mgz and brainmask.mgz in the data "
+                   "root or in a `freesurfer` folder beside it. Never used for its own scan")
+    p.add_argument("--save-brain-mask", action="store_true",
+                   help="write the brain mask of each whole-head scan (OUT/brain_mask/)")
+    cohort = p.add_argument_group(
+        "cohort outputs", "tables rebuilt from every finished scan of the whole list when a "
+        "process ends (shards of a job array all write the same complete files)")
+    cohort.add_argument("--volumes", type=Path, metavar="FILE.csv",
+                        help="one row per scan: subject, mm^3 per label name, total")
+    cohort.add_argument("--qc", type=Path, metavar="FILE.csv",
+                        help="one row per scan: predicted Dice (mean and per structure), flag "
+                        "ok/check, and the signals used")
+    cohort.add_argument("--qc-model", type=Path, metavar="FILE",
+                        help="calibrated QC model (default: the run's qc_model.json)")
+    cohort.add_argument("--report", type=Path, metavar="DIR",
+                        help="a picture per scan and DIR/index.html, worst QC first")
     refine = p.add_argument_group(
         "test-time refinement", "refine G_F's forward field on each scan (local NCC + "
         "diffusion, coarse to fine) before warping the atlas labels: a few seconds per scan "

@@ -21,7 +21,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ltnet_keras.data.errors import VolumeError
 from ltnet_keras.data.io import output_suffix
-from ltnet_keras.inference.segment import plan_output_paths, write_segmentation
+from ltnet_keras.inference.outputs import plan_output_paths
+from ltnet_keras.inference.segment import write_segmentation
 
 #: Exit status of ``ltnet segment`` when some scans of a cohort failed (2: refused up front).
 EXIT_SOME_FAILED = 1
@@ -112,15 +113,16 @@ class CohortSummary:
                 f"{len(self.failed)} failed")
 
 
-def optional_outputs(save_warped_atlas=False, save_field=False, save_aligned=False
-                     ) -> List[str]:
-    """The keys of :func:`~ltnet_keras.inference.segment.output_paths` written besides the
+def optional_outputs(save_warped_atlas=False, save_field=False, save_aligned=False,
+                     save_brain_mask=False) -> List[str]:
+    """The keys of :func:`~ltnet_keras.inference.outputs.output_paths` written besides the
     label map. ``save_aligned`` only counts for scans that are aligned (``--align affine``):
     without an alignment nothing is written there."""
     return [key for key, wanted in (("warped_atlas", save_warped_atlas),
                                     ("forward_field", save_field),
                                     ("aligned", save_aligned),
-                                    ("alignment", save_aligned)) if wanted]
+                                    ("alignment", save_aligned),
+                                    ("brain_mask", save_brain_mask)) if wanted]
 
 
 def plan_cohort(images: Sequence[Path], out_dir, extras: Sequence[str],
@@ -135,19 +137,25 @@ def plan_cohort(images: Sequence[Path], out_dir, extras: Sequence[str],
 
 
 def _existing_outputs(paths: Dict[str, Path], extras: Sequence[str]) -> Tuple[bool, List[Path]]:
-    """(label map exists, the requested optional outputs that do not)."""
-    return paths["labels"].exists(), [paths[key] for key in extras if not paths[key].exists()]
+    """(label map exists, the requested optional outputs that do not). A brain mask is only
+    written for whole-head scans, so its absence says nothing."""
+    return paths["labels"].exists(), [paths[key] for key in extras
+                                      if key != "brain_mask" and not paths[key].exists()]
 
 
-def _write_labels_last(segmenter, result, paths: Dict[str, Path], image, options: dict) -> None:
-    """Write the optional outputs, then the label map under a hidden temporary name renamed
-    into place: a label map on the disk means every output of the scan is complete."""
+def _write_labels_last(segmenter, result, paths: Dict[str, Path], image, options: dict,
+                       scan_outputs=None) -> None:
+    """Write the optional outputs (and the scan's record and picture), then the label map
+    under a hidden temporary name renamed into place: a label map on the disk means every
+    output of the scan is complete."""
     final = paths["labels"]
     ext = output_suffix(image)
     temporary = final.with_name(f".{final.name[:-len(ext)]}.partial-{secrets.token_hex(4)}{ext}")
     try:
         write_segmentation(result, dict(paths, labels=temporary), segmenter.atlas_image,
                            segmenter.atlas_volume.affine, **options)
+        if scan_outputs is not None and scan_outputs.wanted:
+            scan_outputs.write(image, paths, result)
         os.replace(temporary, final)
     finally:
         temporary.unlink(missing_ok=True)
@@ -166,13 +174,16 @@ def segment_cohort(make_segmenter: Callable[[], object],
                    planned: Sequence[Tuple[Path, Dict[str, Path]]],
                    shard: Optional[Shard] = None, overwrite: bool = False,
                    save_warped_atlas: bool = False, save_field: bool = False,
-                   save_aligned: bool = False,
+                   save_aligned: bool = False, save_brain_mask: bool = False,
+                   scan_outputs=None,
                    report: Callable[[str], None] = print,
                    report_error: Optional[Callable[[str], None]] = None) -> CohortSummary:
     """Segment ``planned`` scans (:func:`plan_cohort`) one after another with the segmenter
     ``make_segmenter()`` returns (a :class:`~ltnet_keras.inference.segment.Segmenter` or a
     multi-atlas one), built only if some scan needs it: a finished task re-submitted loads no
     network. Pass ``save_aligned`` only when the segmenter aligns (:func:`optional_outputs`).
+    ``scan_outputs``: a :class:`~ltnet_keras.inference.scan_records.ScanOutputs` writing each
+    scan's record (volumes, QC) and picture with its outputs.
 
     Without ``overwrite`` a scan whose label map and requested optional outputs all exist is
     skipped; a scan whose label map exists but an optional output asked for now does not (an
@@ -182,7 +193,7 @@ def segment_cohort(make_segmenter: Callable[[], object],
     building the segmenter (a bad run directory) are raised: they concern every scan."""
     report_error = report_error or (lambda text: print(text, file=sys.stderr, flush=True))
     options = dict(save_warped_atlas=save_warped_atlas, save_field=save_field,
-                   save_aligned=save_aligned)
+                   save_aligned=save_aligned, save_brain_mask=save_brain_mask)
     extras = optional_outputs(**options)
     summary = CohortSummary(shard)
 
@@ -204,7 +215,7 @@ def segment_cohort(make_segmenter: Callable[[], object],
     for image, paths in todo:
         try:
             result = segmenter.segment(image)
-            _write_labels_last(segmenter, result, paths, image, options)
+            _write_labels_last(segmenter, result, paths, image, options, scan_outputs)
         except Exception as error:  # one bad scan must not stop a cohort of hundreds
             fail(image, str(error) if isinstance(error, VolumeError)
                  else f"{type(error).__name__}: {error}")

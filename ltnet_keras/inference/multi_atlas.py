@@ -14,12 +14,13 @@ import numpy as np
 
 from ltnet_keras.data.atlas import _ncc
 from ltnet_keras.data.errors import VolumeError
-from ltnet_keras.data.io import find_subjects, load_image
+from ltnet_keras.data.io import find_subjects
 from ltnet_keras.data.preprocess import normalise_intensity
 from ltnet_keras.inference.fusion import (FUSIONS, JointFusionSettings, fuse_atlases,
                                           majority_vote)
-from ltnet_keras.inference.segment import (Segmentation, Segmenter, output_paths, warp_image,
-                                           write_segmentation)
+from ltnet_keras.inference.outputs import output_paths
+from ltnet_keras.inference.qc import atlas_disagreement
+from ltnet_keras.inference.segment import Segmentation, Segmenter, warp_image, write_segmentation
 
 
 def atlas_files(items: Sequence[str], data_root) -> List[Tuple[str, str]]:
@@ -81,7 +82,7 @@ class MultiAtlasSegmenter:
         warped = [normalise_intensity(warp_image(s.atlas_image, r.sampling_positions))
                   for s, r in zip(self.segmenters, results)]
         if results[0].alignment is None:
-            scan = load_image(image_path)
+            scan = self.segmenters[0].brain_finder.read(image_path)[0]
             fused = fuse_atlases(maps, warped, normalise_intensity(scan.array), self.fusion,
                                  scan.affine, self.jlf)
         else:
@@ -95,15 +96,18 @@ class MultiAtlasSegmenter:
             for stage, value in result.seconds.items():
                 seconds[stage] = seconds.get(stage, 0.0) + value
         seconds["fusion"] = time.perf_counter() - clock
+        signals = dict(results[0].signals)
+        if signals:   # the first atlas' signals, and how much the atlases disagree
+            signals["atlas_disagreement"] = atlas_disagreement(maps)
         return dataclasses.replace(results[0], labels=fused.astype(results[0].labels.dtype),
-                                   seconds=seconds)
+                                   seconds=seconds, signals=signals)
 
     def segment_to_files(self, image_path, out_dir, save_warped_atlas=False, save_field=False,
-                         save_aligned=False, paths: Optional[Dict[str, Path]] = None
-                         ) -> Segmentation:
+                         save_aligned=False, paths: Optional[Dict[str, Path]] = None,
+                         save_brain_mask=False) -> Segmentation:
         """As :meth:`Segmenter.segment_to_files`; the optional outputs are the first atlas'."""
         result = self.segment(image_path)
         paths = paths or output_paths(image_path, out_dir, result.subject)
         write_segmentation(result, paths, self.atlas_image, self.atlas_volume.affine,
-                           save_warped_atlas, save_field, save_aligned)
+                           save_warped_atlas, save_field, save_aligned, save_brain_mask)
         return result

@@ -43,6 +43,16 @@ ADAM_BETAS = (0.9, 0.999)
 ADAM_EPSILON = 1e-12    # the per-voxel gradients of a voxel mean are ~1e-7: keep eps below
 
 
+def parse_levels(text: str):
+    """``"4:60,2:40"`` -> ``((4, 60), (2, 40))``: (factor, steps) per level, coarse to fine."""
+    try:
+        return tuple(tuple(int(n) for n in level.split(":", 1)) for level in text.split(","))
+    except ValueError:
+        raise ValueError(f"--refine-levels {text!r}: expected FACTOR:STEPS pairs separated by "
+                         "commas, coarse to fine, e.g. 4:60,2:40 (factors: 1, 2, 4, 8)") from None
+
+
+
 @dataclass(frozen=True)
 class RefineSettings:
     """How :func:`refine_field` optimises the field.

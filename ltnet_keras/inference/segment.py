@@ -10,12 +10,10 @@ grid looks up the atlas labels through the inverse affine and the forward field,
 are resampled once, straight from the atlas onto the scan's grid.
 """
 import json
-import os
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Optional
 
 import numpy as np
 
@@ -25,20 +23,19 @@ from ltnet_keras.config import load_config
 from ltnet_keras.data.alignment_check import AlignmentChecker
 from ltnet_keras.data.dataset import PreparedSubject, prepare_volumes
 from ltnet_keras.data.errors import VolumeError
-from ltnet_keras.data.io import (Volume, load_image, load_subject, output_suffix, save_volume,
+from ltnet_keras.data.io import (Volume, load_subject, save_volume,
                                  subject_id)
 from ltnet_keras.data.labels import LabelTable
 from ltnet_keras.data.preprocess import brain_bbox
+from ltnet_keras.data.skull import (BrainExtraction, BrainFinder, default_template_roots,
+                                    find_head_templates)
+from ltnet_keras.inference.outputs import output_paths
 from ltnet_keras.inference.refine import (RefineResult, RefineSettings, crop_image,
                                           refine_field)
 from ltnet_keras.inference.transfer import (_check_method, field_at_points,  # noqa: F401
                                             field_to_grid, sampling_grid, warp_image,
                                             warp_label_map, warp_labels_tf)
 
-# Sub-folders of the output folder for the optional outputs of segment_to_files.
-WARPED_ATLAS_DIR = "warped_atlas"
-FORWARD_FIELD_DIR = "forward_field"
-ALIGNED_DIR = "aligned"
 # A scan is refused when, along any world axis, it covers less than this fraction of the
 # atlas' field of view: the network was trained on whole heads cropped to the atlas' extent,
 # and a slab or a thumbnail cannot be registered to it (it would still get a label map, made
@@ -67,6 +64,10 @@ class Segmentation:
     network_field: Optional[np.ndarray] = None
     #: With refinement: how it went (:class:`~ltnet_keras.inference.refine.RefineResult`).
     refinement: Optional[RefineResult] = None
+    #: For a whole-head scan: its brain mask and how it was found (``data.skull``).
+    brain: Optional[BrainExtraction] = None
+    #: Quality signals (:func:`ltnet_keras.inference.qc.qc_signals`) when the segmenter measures them.
+    signals: Dict[str, float] = field(default_factory=dict)
 
     @property
     def sampling_positions(self) -> np.ndarray:
@@ -75,67 +76,6 @@ class Segmentation:
         grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32)
                                       for n in self.forward_field.shape[:3]], indexing="ij"), -1)
         return grid + self.forward_field + self.atlas_offset
-
-
-def _distinct_names(images: Sequence[Path]) -> List[str]:
-    """Output names (without suffix) for ``images``: the subject id, prefixed with as many
-    parent folder names as it takes to tell apart scans whose ids repeat
-    (``a/brainmask.mgz``, ``b/brainmask.mgz`` -> ``a_brainmask``, ``b_brainmask``)."""
-    folders = [path.relative_to(path.anchor).parent.parts for path in images]
-    names = [subject_id(path) for path in images]
-    for depth in range(1, max(len(f) for f in folders) + 1):
-        repeated = {name for name, count in Counter(names).items() if count > 1}
-        if not repeated:
-            break
-        names = [("_".join(f[-depth:] + (subject_id(path),)) if name in repeated else name)
-                 for name, f, path in zip(names, folders, images)]
-    return names
-
-
-def output_paths(image_path, out_dir, name: str) -> Dict[str, Path]:
-    """Where :meth:`Segmenter.segment_to_files` writes the results for ``image_path``, every
-    volume in the input's format (``.mgz`` in, ``.mgz`` out; see :func:`io.output_suffix`).
-    ``name``: the base name, the subject id or a name from :func:`plan_output_paths`."""
-    out_dir = Path(out_dir)
-    ext = output_suffix(image_path)
-    return {"labels": out_dir / f"{name}{ext}",
-            "warped_atlas": out_dir / WARPED_ATLAS_DIR / f"{name}{ext}",
-            "forward_field": out_dir / FORWARD_FIELD_DIR / f"{name}{ext}",
-            "aligned": out_dir / ALIGNED_DIR / f"{name}{ext}",
-            "alignment": out_dir / ALIGNED_DIR / f"{name}.json"}
-
-
-def plan_output_paths(images, out_dir, overwrite=False,
-                      extras: Sequence[str] = ()) -> List[Dict[str, Path]]:
-    """:func:`output_paths` of each scan for ``ltnet segment``, with distinct names.
-
-    Refuses (VolumeError), before anything is written: a scan given twice, two scans that
-    would get the same output, an output that would replace one of the scans, and unless
-    ``overwrite`` an output that exists already, the label maps' and those of ``extras`` (the
-    other keys of :func:`output_paths` that will be written, e.g. ``"warped_atlas"``).
-    """
-    # Absolute, not resolved: a symlinked scan keeps its own folder names.
-    images = [Path(os.path.abspath(path)) for path in images]
-    given_twice = [path for path, count in Counter(images).items() if count > 1]
-    if given_twice:
-        raise VolumeError(given_twice[0], "this scan is given more than once")
-    plans = [output_paths(image, out_dir, name)
-             for name, image in zip(_distinct_names(images), images)]
-    outputs = [plan["labels"] for plan in plans]
-    for output, count in Counter(outputs).items():
-        if count > 1:
-            clash = [str(image) for image, o in zip(images, outputs) if o == output]
-            raise VolumeError(output, f"scans {clash} would all be written here; rename them")
-    written = outputs + [plan[key] for key in extras for plan in plans]
-    replaced = [path for path in written if Path(os.path.abspath(path)) in set(images)]
-    if replaced:
-        raise VolumeError(replaced[0], "the output would replace this input scan; choose "
-                                       "another output folder")
-    existing = [str(path) for path in written if path.exists()]
-    if existing and not overwrite:
-        raise VolumeError(existing[0], f"output exists already ({len(existing)} of the outputs "
-                                       "do); pass --overwrite to replace them")
-    return plans
 
 
 def check_field_of_view(image: Volume, atlas: Volume) -> None:
@@ -196,7 +136,8 @@ class Segmenter:
                  label_interp: Optional[str] = None, jit_compile: bool = False,
                  align: Optional[str] = None,
                  registration: Optional[RegistrationSettings] = None, alignment_cache=None,
-                 refine: Optional[RefineSettings] = None, alignment_check: str = "refuse"):
+                 refine: Optional[RefineSettings] = None, alignment_check: str = "refuse",
+                 brain_finder: Optional[BrainFinder] = None, measure_qc: bool = False):
         import tensorflow as tf
 
         from ltnet_keras.models.generators import make_generator
@@ -219,6 +160,10 @@ class Segmenter:
             load_ants()  # now, not inside the first case's timing
         self.table = LabelTable.from_ids(record["label_ids"])
         data = self.config.data
+        # The protocol's names and merged structures, when the run's label table is at hand.
+        tsv = data.resolved_labels_tsv()
+        self.protocol = LabelTable.from_tsv(tsv) if tsv.is_file() else self.table
+        self.measure_qc = measure_qc
         if not (atlas_image and atlas_labels):
             recorded_image, recorded_labels = _recorded_atlas(record, data)
             atlas_image = atlas_image or recorded_image
@@ -234,6 +179,10 @@ class Segmenter:
         first, stop = brain_bbox(self.atlas_labels > 0)
         self._labelled_box = (np.array(first, np.float64), np.array(stop, np.float64) - 1.0)
         self.refine = refine
+        # Whole-head scans are detected and their brain extracted (templates: the data root's
+        # FreeSurfer subjects, or a `freesurfer` collection beside it) unless told otherwise.
+        self.brain_finder = brain_finder or BrainFinder(
+            "auto", find_head_templates(default_template_roots(data.resolved_root())))
         # The atlas as refinement compares it with each scan: its normalised full-resolution crop.
         self._atlas_crop = crop_image(self.atlas_image, self.atlas.grid) if refine else None
         self.generator = make_generator(self.atlas.image.shape, self.config.network,
@@ -298,7 +247,7 @@ class Segmenter:
         return prepared
 
     def _load_and_prepare(self, image_path):
-        image = load_image(image_path)
+        image, _ = self.brain_finder.read(image_path)
         check_field_of_view(image, self.atlas_volume)
         data = self.config.data
         return image, prepare_volumes(image, None, data.crop_shape, data.factor,
@@ -321,16 +270,35 @@ class Segmenter:
         return result.field, result.factor, result
 
     def segment(self, image_path) -> Segmentation:
-        """Label map of one scan on its own grid (Eq. 2), aligned first if ``self.align``."""
+        """Label map of one scan on its own grid (Eq. 2), aligned first if ``self.align``;
+        with ``measure_qc`` its quality signals too."""
         if self.align == "affine":
-            return self._segment_aligned(image_path)
-        return self._segment_in_place(image_path)
+            result = self._segment_aligned(image_path)
+        else:
+            result = self._segment_in_place(image_path)
+        if result.brain is not None:
+            result.seconds.update(result.brain.seconds)
+        if self.measure_qc:
+            from ltnet_keras.inference.qc import qc_signals
+            from ltnet_keras.inference.refine import folding_fraction
+            clock = time.perf_counter()
+            target = (result.aligned_image if result.alignment is not None
+                      else self.brain_finder.read(image_path)[0].array)
+            folding = (result.refinement.folding_fraction if result.refinement is not None
+                       else folding_fraction(result.network_field))
+            result.signals.update(qc_signals(
+                self.atlas_image, self.atlas_labels, target, result.sampling_positions,
+                self.protocol, 100.0 * folding,
+                None if result.alignment is None else result.alignment.similarity))
+            result.seconds["qc"] = time.perf_counter() - clock
+        return result
 
     def _segment_in_place(self, image_path) -> Segmentation:
         """The scan is taken to be in the atlas' space already; the field is in its voxels."""
         seconds = {}
         clock = time.perf_counter()
         image, target = self._load_and_prepare(image_path)
+        _, brain = self.brain_finder.read(image_path)
         seconds["read_prepare"] = time.perf_counter() - clock
 
         field, factor, refined = self.field_for(target, image.array, seconds)
@@ -346,7 +314,7 @@ class Segmenter:
         seconds["warp"] = time.perf_counter() - clock
         return Segmentation(target.subject, labels.astype(self.atlas_labels.dtype),
                             target.affine, target.header, forward_field, offset, seconds,
-                            network_field=field, refinement=refined)
+                            network_field=field, refinement=refined, brain=brain)
 
     def alignment(self, scan) -> Alignment:
         """The affine registration of a loaded scan to the atlas (from the cache if kept),
@@ -360,7 +328,7 @@ class Segmenter:
         onto the scan's own grid through the inverse affine in one resampling."""
         seconds = {}
         clock = time.perf_counter()
-        scan = load_image(image_path)
+        scan, brain = self.brain_finder.read(image_path)
         check_field_of_view(scan, self.atlas_volume)
         seconds["read"] = time.perf_counter() - clock
 
@@ -385,7 +353,8 @@ class Segmenter:
         seconds["labels_to_scan_grid"] = time.perf_counter() - clock
         return Segmentation(target.subject, labels.astype(self.atlas_labels.dtype),
                             scan.affine, scan.header, forward_field, offset, seconds,
-                            alignment, aligned.array, network_field=field, refinement=refined)
+                            alignment, aligned.array, network_field=field, refinement=refined,
+                            brain=brain)
 
     def _labels_through(self, alignment: Alignment, field_network, crop_start,
                         offset, factor) -> np.ndarray:
@@ -418,7 +387,8 @@ class Segmenter:
 
     def segment_to_files(self, image_path, out_dir, save_warped_atlas=False,
                          save_field=False, save_aligned=False,
-                         paths: Optional[Dict[str, Path]] = None) -> Segmentation:
+                         paths: Optional[Dict[str, Path]] = None,
+                         save_brain_mask=False) -> Segmentation:
         """Segment one scan; write ``out_dir/<id><ext>`` (label ids on the scan's grid with its
         header, in the scan's own format: :func:`output_paths`) and, if asked,
         ``out_dir/warped_atlas/``, ``out_dir/forward_field/`` (3 components, in voxels of the
@@ -428,14 +398,16 @@ class Segmenter:
         result = self.segment(image_path)
         paths = paths or output_paths(image_path, out_dir, result.subject)
         write_segmentation(result, paths, self.atlas_image, self.atlas_volume.affine,
-                           save_warped_atlas, save_field, save_aligned)
+                           save_warped_atlas, save_field, save_aligned, save_brain_mask)
         return result
 
 
 def write_segmentation(result: Segmentation, paths: Dict[str, Path], atlas_image, atlas_affine,
-                       save_warped_atlas=False, save_field=False, save_aligned=False) -> None:
-    """Write a result's label map and, if asked, the warped atlas, the forward field and the
-    aligned scan (see :meth:`Segmenter.segment_to_files`); adds ``write`` to its seconds."""
+                       save_warped_atlas=False, save_field=False, save_aligned=False,
+                       save_brain_mask=False) -> None:
+    """Write a result's label map and, if asked, the warped atlas, the forward field, the
+    aligned scan (see :meth:`Segmenter.segment_to_files`) and, for a whole-head scan, its brain
+    mask (uint8, the scan's grid); adds ``write`` to its seconds."""
     clock = time.perf_counter()
     save_volume(result.labels, paths["labels"], result.affine, result.header)
     # With an alignment, the field and the warped atlas live on the atlas grid.
@@ -445,6 +417,9 @@ def write_segmentation(result: Segmentation, paths: Dict[str, Path], atlas_image
                     field_affine)
     if save_field:
         save_volume(result.forward_field, paths["forward_field"], field_affine)
+    if save_brain_mask and result.brain is not None:
+        save_volume(result.brain.mask.astype(np.uint8), paths["brain_mask"], result.affine,
+                    result.header)
     if save_aligned and result.alignment is not None:
         save_volume(result.aligned_image, paths["aligned"], atlas_affine)
         from ltnet_keras.records import atomic_write_text
