@@ -5,7 +5,7 @@ linking its picture. Plain HTML with inline CSS and relative links: it opens fro
 server and no network."""
 import html
 from pathlib import Path
-from typing import Sequence
+from typing import List, Sequence
 
 import numpy as np
 
@@ -38,9 +38,17 @@ def _number(value, digits=1):
     return "" if value is None else f"{value:.{digits}f}"
 
 
+def qc_order(records: Sequence[dict]) -> List[dict]:
+    """Worst predicted quality first; scans without a prediction last, in list order."""
+    def key(item):
+        position, record = item
+        predicted = record.get("qc", {}).get("predicted_dice")
+        return (predicted is None, np.inf if predicted is None else predicted, position)
+    return [record for _, record in sorted(enumerate(records), key=key)]
+
+
 def write_index(report_dir, records: Sequence[dict], protocol) -> Path:
     """``index.html`` over ``records`` (from :mod:`scan_records`), worst QC first."""
-    from ltnet_keras.inference.scan_records import qc_order
     report_dir = Path(report_dir)
     ordered = qc_order(records)
     names = list(protocol.names)

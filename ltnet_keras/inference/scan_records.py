@@ -14,7 +14,6 @@ import json
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 
 from ltnet_keras.inference.qc import QCModel
 from ltnet_keras.inference.volumes import label_volumes, write_volumes_csv
@@ -104,15 +103,6 @@ def rebuild_tables(out_dir, names: Sequence[str], protocol, volumes_path=None, q
         index = write_index(report_dir, records, protocol)
         report(f"report of {len(records)} scans: {index}")
     return records
-
-
-def qc_order(records: Sequence[dict]) -> List[dict]:
-    """Worst predicted quality first; scans without a prediction last, in list order."""
-    def key(item):
-        position, record = item
-        predicted = record.get("qc", {}).get("predicted_dice")
-        return (predicted is None, np.inf if predicted is None else predicted, position)
-    return [record for _, record in sorted(enumerate(records), key=key)]
 
 
 def output_name(image_path, paths) -> str:

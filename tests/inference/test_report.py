@@ -1,12 +1,10 @@
 """The cohort report: pictures per scan and an index.html that opens from disk."""
 from html.parser import HTMLParser
-from pathlib import Path
 
 import numpy as np
 
 from ltnet_keras.data.labels import LabelTable
-from ltnet_keras.inference.report import INDEX, write_index, write_scan_picture
-from ltnet_keras.inference.scan_records import qc_order
+from ltnet_keras.inference.report import INDEX, qc_order, write_index, write_scan_picture
 
 TABLE = LabelTable([1, 2], ["L_a", "R_a"], ["a", "a"])
 
