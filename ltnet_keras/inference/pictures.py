@@ -51,9 +51,12 @@ def labelled_centre(labels: np.ndarray) -> np.ndarray:
 
 
 def write_planes_png(path, image: np.ndarray, affine, columns: Dict[str, Optional[np.ndarray]],
-                     colours, title: str = "", dpi: int = 80) -> Path:
-    """One row per plane (sagittal, coronal, axial), one column per entry of ``columns``:
-    ``None`` shows the scan alone, a label map (on ``image``'s grid) its overlay."""
+                     colours, title: str = "", dpi: int = 80,
+                     planes_across: bool = False) -> Path:
+    """Sagittal, coronal and axial planes through the labelled centre, one panel per plane and
+    per entry of ``columns`` (``None``: the scan alone; a label map on ``image``'s grid: its
+    overlay). Planes run down the rows and entries across, or with ``planes_across`` the other
+    way round (a strip per entry, for thumbnails)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -61,11 +64,12 @@ def write_planes_png(path, image: np.ndarray, affine, columns: Dict[str, Optiona
     maps = {k: None if v is None else to_ras(np.asarray(v), affine) for k, v in columns.items()}
     reference = next((v for v in maps.values() if v is not None), None)
     centre = labelled_centre(reference) if reference is not None else np.array(image.shape) // 2
-    fig, axes = plt.subplots(len(PLANES), len(maps), figsize=(2.6 * len(maps), 7.4),
+    shape = (len(maps), len(PLANES)) if planes_across else (len(PLANES), len(maps))
+    fig, axes = plt.subplots(*shape, figsize=(2.6 * shape[1], 2.45 * shape[0] + 0.3),
                              squeeze=False)
-    for r, (name, axis) in enumerate(PLANES):
-        for c, (heading, labels) in enumerate(maps.items()):
-            ax = axes[r, c]
+    for p, (name, axis) in enumerate(PLANES):
+        for m, (heading, labels) in enumerate(maps.items()):
+            ax = axes[m, p] if planes_across else axes[p, m]
             cut = plane(image, axis, centre[axis])
             if labels is None:
                 ax.imshow(cut, cmap="gray", origin="lower")
@@ -73,9 +77,11 @@ def write_planes_png(path, image: np.ndarray, affine, columns: Dict[str, Optiona
                 ax.imshow(overlay(cut, plane(labels, axis, centre[axis]), colours),
                           origin="lower")
             ax.set_xticks([]), ax.set_yticks([])
-            if r == 0:
-                ax.set_title(heading, fontsize=9)
-        axes[r, 0].set_ylabel(name)
+            top, left = (m == 0, p == 0) if planes_across else (p == 0, m == 0)
+            if top:
+                ax.set_title(name if planes_across else heading, fontsize=9)
+            if left:
+                ax.set_ylabel(heading if planes_across else name, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

@@ -208,3 +208,59 @@ def test_bad_shard_on_the_command_line_is_a_usage_error(tmp_path, capsys):
                   "--out", str(tmp_path / "out"), "--shard", "3/3"])
     assert error.value.code == 2
     assert "--shard '3/3': I must be 0 ... 2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_shards_volumes_qc_and_report_hold_every_scan_once_in_list_order(cohort, tmp_path,
+                                                                         capsys):
+    import csv
+    from html.parser import HTMLParser
+
+    from ltnet_keras.data.io import load_label_map
+    from ltnet_keras.data.labels import LabelTable
+    from ltnet_keras.inference.qc import QCModel
+    run, listed = cohort
+    table = LabelTable.from_tsv(Path(run).parent / "data" / "labels.tsv")
+    structures = list(dict.fromkeys(table.structures))
+    model = QCModel(["ncc_mean"], [0.1, 0.8], {s: [0.2, 0.5] for s in structures}, 0.5)
+    model_path = model.save(tmp_path / "qc_model.json")
+    out, report = tmp_path / "out", tmp_path / "report"
+    options = ["--volumes", tmp_path / "volumes.csv", "--qc", tmp_path / "qc.csv",
+               "--qc-model", model_path, "--report", report]
+    names = ["SYN02", "a_scan", "b_scan", "SYN04", "SYN05"]
+    for index in (1, 0):   # the last task to finish writes every row, whichever it is
+        code, printed, err = run_cli(capsys, *segment_args(cohort, out, "--shard",
+                                                           f"{index}/2", *options))
+        assert code == 0, err
+    with open(tmp_path / "volumes.csv") as handle:
+        volumes = list(csv.DictReader(handle))
+    assert [row["subject"] for row in volumes] == names
+    assert list(volumes[0]) == ["subject"] + list(table.names) + ["total"]
+    labels = load_label_map(out / "SYN04.nii.gz")
+    voxel = float(abs(__import__("numpy").linalg.det(labels.affine[:3, :3])))
+    assert float(volumes[3]["total"]) == pytest.approx((labels.array > 0).sum() * voxel, abs=0.1)
+    with open(tmp_path / "qc.csv") as handle:
+        qc = list(csv.DictReader(handle))
+    assert sorted(row["subject"] for row in qc) == sorted(names)
+    header = list(qc[0])
+    assert header[:2] == ["subject", "predicted_dice"] and "flag" in header
+    assert [f"predicted_dice_{s}" for s in structures] == header[2:2 + len(structures)]
+    for row in qc:
+        assert 0 <= float(row["predicted_dice"]) <= 1 and row["flag"] in ("ok", "check")
+        assert float(row["predicted_dice"]) == pytest.approx(
+            min(max(0.1 + 0.8 * float(row["ncc_mean"]), 0), 1), abs=1e-3)
+
+    class Images(HTMLParser):
+        found = []
+
+        def handle_starttag(self, tag, attrs):
+            if tag == "img":
+                self.found.append(dict(attrs)["src"])
+    parser = Images()
+    parser.feed((report / "index.html").read_text())
+    assert sorted(Path(src).stem for src in parser.found) == sorted(names)
+    assert all((report / src).is_file() for src in parser.found)
+    # A resubmitted task segments nothing and leaves the same complete table.
+    before = (tmp_path / "volumes.csv").read_text()
+    code, printed, err = run_cli(capsys, *segment_args(cohort, out, "--shard", "0/2", *options))
+    assert code == 0 and (tmp_path / "volumes.csv").read_text() == before
