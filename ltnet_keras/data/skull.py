@@ -66,8 +66,14 @@ class SkullCheck:
 
 
 def skull_check(volume: Volume) -> SkullCheck:
-    """Whether ``volume`` still has its skull, from its foreground's volume in mL."""
-    millilitres = float(foreground(volume.array).sum() * np.prod(volume.voxel_size) / 1000.0)
+    """Whether ``volume`` still has its skull, from its foreground's volume in mL, measured
+    on every other voxel along axes finer than 2 mm (8x less work on a 1 mm scan; a litre
+    is ~1000 voxels of 8 mm^3 still)."""
+    steps = [2 if size < 2.0 and n >= 64 else 1 for size, n in zip(volume.voxel_size,
+                                                                    volume.shape)]
+    sampled = volume.array[::steps[0], ::steps[1], ::steps[2]]
+    voxel_ml = float(np.prod(volume.voxel_size) * np.prod(steps)) / 1000.0
+    millilitres = float(foreground(sampled).sum()) * voxel_ml
     return SkullCheck(millilitres, millilitres >= HEAD_MIN_ML)
 
 

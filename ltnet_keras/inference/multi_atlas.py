@@ -61,8 +61,11 @@ class MultiAtlasSegmenter:
             raise ValueError(f"unknown fusion {fusion!r}; valid: {', '.join(FUSIONS)}")
         if not atlases:
             raise ValueError("at least one atlas is needed")
+        # QC signals are the first atlas' (plus the atlases' disagreement): one measurement.
+        measure_qc = segmenter_options.pop("measure_qc", False)
         self.segmenters = [Segmenter(run_dir, atlas_image=image, atlas_labels=labels,
-                                     **segmenter_options) for image, labels in atlases]
+                                     measure_qc=measure_qc and k == 0, **segmenter_options)
+                           for k, (image, labels) in enumerate(atlases)]
         if fusion == "jlf" and self.segmenters[0].align != "none":
             raise ValueError("joint label fusion needs scans in the atlas' space (--align "
                              "none); with --align affine use --fusion majority")
