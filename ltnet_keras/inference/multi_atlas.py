@@ -63,9 +63,13 @@ class MultiAtlasSegmenter:
             raise ValueError("at least one atlas is needed")
         # QC signals are the first atlas' (plus the atlases' disagreement): one measurement.
         measure_qc = segmenter_options.pop("measure_qc", False)
-        self.segmenters = [Segmenter(run_dir, atlas_image=image, atlas_labels=labels,
-                                     measure_qc=measure_qc and k == 0, **segmenter_options)
-                           for k, (image, labels) in enumerate(atlases)]
+        self.segmenters = []
+        for k, (image, labels) in enumerate(atlases):
+            self.segmenters.append(Segmenter(run_dir, atlas_image=image, atlas_labels=labels,
+                                             measure_qc=measure_qc and k == 0,
+                                             **segmenter_options))
+            # One reader for all: a whole-head scan's brain is extracted once, not per atlas.
+            segmenter_options["brain_finder"] = self.segmenters[0].brain_finder
         if fusion == "jlf" and self.segmenters[0].align != "none":
             raise ValueError("joint label fusion needs scans in the atlas' space (--align "
                              "none); with --align affine use --fusion majority")
