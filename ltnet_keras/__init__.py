@@ -4,10 +4,12 @@ Importing the package prepares the environment (Keras 2 through ``tf.keras``, ne
 ``getargspec``) before anything imports TensorFlow; TensorFlow itself is only imported by the
 modules that need it, so data handling and evaluation stay quick to start.
 """
-from ltnet_keras._compat import enable_onednn, install_getargspec_shim, require_legacy_keras
+from ltnet_keras._compat import (enable_onednn, enable_xla_cache, install_getargspec_shim,
+                                 require_legacy_keras)
 
 require_legacy_keras()
 enable_onednn()
+enable_xla_cache()
 install_getargspec_shim()
 
 __version__ = "0.1.0"

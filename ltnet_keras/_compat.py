@@ -8,6 +8,8 @@
   Conv3D filter gradients are 10-100x slower (measured by ``benchmarks/speed.py``).
 * The ``ltnet`` command starts TensorFlow through :func:`start_tensorflow_quietly`, so its C++
   start-up log (oneDNN notice, CUDA probe, absl preamble) stays out of the user's terminal.
+* Compiled XLA programs (refinement, label transfer) are kept on disk between processes
+  (:func:`enable_xla_cache`), so a machine pays for compiling them once, not every process.
 """
 import contextlib
 import inspect
@@ -31,6 +33,57 @@ def require_legacy_keras():
 def enable_onednn():
     """Use oneDNN kernels on CPU unless the user chose otherwise (no effect once TF is loaded)."""
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
+
+
+#: TensorFlow's flag for its on-disk cache of compiled XLA programs (read from TF_XLA_FLAGS).
+XLA_CACHE_FLAG = "--tf_xla_persistent_cache_directory"
+
+
+def _cpu_key() -> str:
+    """What compiled CPU code depends on: the architecture and the CPU's instruction-set
+    flags (a home folder shared by cluster nodes of several CPU generations must not hand
+    AVX-512 code to a node without it)."""
+    import hashlib
+    import platform
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line for line in handle if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        pass
+    return f"{platform.machine()}-{hashlib.sha256(flags.encode()).hexdigest()[:10]}"
+
+
+def xla_cache_dir():
+    """Where compiled XLA programs are kept: ``$LTNET_XLA_CACHE`` (a folder; ``off`` for none),
+    else ``~/.cache/ltnet-keras/xla``; inside it one folder per TensorFlow version, package
+    version and CPU (:func:`_cpu_key`), so a new version or another CPU never reads a program
+    compiled for the old one. XLA keys each program by its own fingerprint (shapes included)."""
+    from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
+    setting = os.environ.get("LTNET_XLA_CACHE", "")
+    if setting.lower() in ("off", "0", "none", "false"):
+        return None
+    root = Path(setting).expanduser() if setting else Path.home() / ".cache" / "ltnet-keras" / "xla"
+    try:
+        versions = f"tf{version('tensorflow')}-ltnet{version('ltnet-keras')}"
+    except PackageNotFoundError:
+        versions = "unversioned"
+    return root / f"{versions}-{_cpu_key()}"
+
+
+def enable_xla_cache():
+    """Point TensorFlow's persistent XLA cache at :func:`xla_cache_dir` (no effect once
+    TensorFlow is loaded, when the cache is off, or when TF_XLA_FLAGS already sets it)."""
+    flags = os.environ.get("TF_XLA_FLAGS", "")
+    folder = xla_cache_dir()
+    if "tensorflow" in sys.modules or folder is None or XLA_CACHE_FLAG in flags:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return   # a read-only home: compile in every process, as without the cache
+    os.environ["TF_XLA_FLAGS"] = f"{flags} {XLA_CACHE_FLAG}={folder}".strip()
 
 
 def _getargspec(func):

@@ -73,6 +73,24 @@ def cmd_evaluate(args):
         print(f"per-subject scores: {args.out}")
 
 
+def cmd_cache(args):
+    import shutil
+    from ltnet_keras._compat import xla_cache_dir
+    folder = xla_cache_dir()
+    if folder is None:
+        print("the XLA program cache is off (LTNET_XLA_CACHE=off)")
+        return
+    root = folder.parent
+    files = [p for p in root.rglob("*") if p.is_file()] if root.is_dir() else []
+    size = sum(p.stat().st_size for p in files)
+    if args.clear:
+        shutil.rmtree(root, ignore_errors=True)
+        print(f"removed {root} ({len(files)} files, {size / 1e6:.1f} MB)")
+    else:
+        print(f"{root}: {len(files)} compiled programs, {size / 1e6:.1f} MB (this machine and "
+              f"version: {folder.name}); `ltnet cache --clear` removes them")
+
+
 def cmd_train(args):
     from ltnet_keras.distribute import WorkerLostError, choose_strategy
     from ltnet_keras.training import train
@@ -269,6 +287,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label ids absent from --labels: score them as background, said once "
                         "per file (default), or refuse the file")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("cache", help="the on-disk cache of compiled XLA programs: show or clear",
+                       description="Compiled XLA programs (refinement, label transfer) are "
+                       "kept between processes in $LTNET_XLA_CACHE (default ~/.cache/ltnet-keras/"
+                       "xla; 'off' disables it), one folder per TensorFlow version, package "
+                       "version and CPU.")
+    p.add_argument("--clear", action="store_true", help="remove every cached program")
+    p.set_defaults(func=cmd_cache)
 
     p = sub.add_parser("train", help="train or resume a run")
     config_options(p, training=True)
