@@ -50,6 +50,14 @@ class MethodRow:
     scores: List[evaluation.SubjectScores] = field(default_factory=list)
     seconds: List[float] = field(default_factory=list)
 
+    def add(self, subject, labels: np.ndarray, seconds: float, table: LabelTable) -> str:
+        """Score one case (``subject``: its SubjectFiles) and keep it; returns its log line."""
+        self.seconds.append(seconds)
+        self.scores.append(evaluation.evaluate_pair(labels, load_label_map(subject.label).array,
+                                                    table, subject.id))
+        return (f"  {self.name} {subject.id}: Dice {100 * self.scores[-1].mean_structure:.1f}, "
+                f"{seconds:.1f} s")
+
     def summary(self) -> dict:
         summary = evaluation.summarise(self.scores)
         seconds = np.array(self.seconds, np.float64) if self.seconds else np.zeros(1)
@@ -80,12 +88,8 @@ def segment_rows(run_dir, config: ExperimentConfig, files, table: LabelTable, na
     for subject in files:
         clock = time.perf_counter()
         result = segmenter.segment(subject.image)
-        row.seconds.append(time.perf_counter() - clock)
-        row.scores.append(evaluation.evaluate_pair(result.labels, load_label_map(
-            subject.label).array, table, subject.id))
+        log(row.add(subject, result.labels, time.perf_counter() - clock, table))
         maps[subject.id] = result.labels
-        log(f"  {name} {subject.id}: Dice {100 * row.scores[-1].mean_structure:.1f}, "
-            f"{row.seconds[-1]:.1f} s")
     return row, maps
 
 
@@ -101,12 +105,8 @@ def syn_rows(atlas_files, files, table: LabelTable, settings: SynSettings,
     for subject in files:
         target = load_image(subject.image)
         warped = register_atlas(atlas_image, atlas_labels, target, settings)
-        row.seconds.append(warped.seconds)
-        row.scores.append(evaluation.evaluate_pair(warped.labels, load_label_map(
-            subject.label).array, table, subject.id))
+        log(row.add(subject, warped.labels, warped.seconds, table))
         maps[subject.id] = warped.labels
-        log(f"  ANTs SyN {subject.id}: Dice {100 * row.scores[-1].mean_structure:.1f}, "
-            f"{warped.seconds:.1f} s")
     return row, maps
 
 
