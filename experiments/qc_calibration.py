@@ -2,8 +2,10 @@
 of them (noise, bias field, blur, thick slices, partial field of view, ghosting, motion): every
 case segmented with refinement and scored, the model fitted and judged leaving one subject out.
 
-    python experiments/qc_calibration.py experiments/configs/qc/freesurfer.yaml --out results/qc/freesurfer
-    python experiments/qc_calibration.py experiments/configs/qc/lpba40.yaml --out results/qc/lpba40 --install
+    python experiments/qc_calibration.py experiments/configs/qc/freesurfer.yaml \
+        --out results/qc/freesurfer --install
+    python experiments/qc_calibration.py experiments/configs/qc/lpba40.yaml \
+        --out results/qc/lpba40 --install
 
 Resumes from OUT/cases.csv. --install copies the fitted model to the run (RUN/qc_model.json),
 where `ltnet segment --qc` finds it.

@@ -23,8 +23,7 @@ from ltnet_keras.config import load_config
 from ltnet_keras.data.alignment_check import AlignmentChecker
 from ltnet_keras.data.dataset import PreparedSubject, prepare_volumes
 from ltnet_keras.data.errors import VolumeError
-from ltnet_keras.data.io import (Volume, load_subject, save_volume,
-                                 subject_id)
+from ltnet_keras.data.io import Volume, load_subject, save_volume, subject_id
 from ltnet_keras.data.labels import LabelTable
 from ltnet_keras.data.preprocess import brain_bbox
 from ltnet_keras.data.skull import (BrainExtraction, BrainFinder, default_template_roots,
@@ -66,7 +65,7 @@ class Segmentation:
     refinement: Optional[RefineResult] = None
     #: For a whole-head scan: its brain mask and how it was found (``data.skull``).
     brain: Optional[BrainExtraction] = None
-    #: Quality signals (:func:`ltnet_keras.inference.qc.qc_signals`) when the segmenter measures them.
+    #: Quality signals (:func:`ltnet_keras.inference.qc.qc_signals`), when measured.
     signals: Dict[str, float] = field(default_factory=dict)
 
     @property
