@@ -430,6 +430,16 @@ def main(argv=None) -> int:
         except (VolumeError, ValueError, FileNotFoundError) as error:
             print(f"ltnet {args.command}: error: {error}", file=sys.stderr)
             return 2
+        except Exception as error:
+            # TensorFlow fails (rather than recompiles) on a damaged cached program, e.g. one
+            # cut short when a job was killed while writing it: say where and what to do.
+            from ltnet_keras._compat import xla_cache_dir
+            if type(error).__name__ in ("OutOfRangeError", "DataLossError") and xla_cache_dir():
+                print(f"ltnet {args.command}: error: {type(error).__name__}: {error}. A compiled "
+                      f"program in the XLA cache {xla_cache_dir()} may be damaged; `ltnet cache "
+                      "--clear` removes the cache (or set LTNET_XLA_CACHE=off)", file=sys.stderr)
+                return 2
+            raise
     return status or 0
 
 

@@ -35,3 +35,29 @@ def test_a_new_process_compiles_into_the_cache_and_clear_removes_it(tmp_path, ca
     assert cli.main(["cache", "--clear"]) == 0
     assert f"removed {tmp_path}" in capsys.readouterr().out
     assert not tmp_path.exists()
+
+
+def test_a_damaged_cached_program_is_named_with_the_remedy(tmp_path, capsys, monkeypatch):
+    """TensorFlow fails on a truncated cache entry instead of recompiling; `ltnet` says where
+    the cache is and how to clear it."""
+    monkeypatch.setenv("LTNET_XLA_CACHE", str(tmp_path))
+
+    class OutOfRangeError(Exception):
+        pass
+
+    def broken(args):
+        raise OutOfRangeError("Read less bytes than requested")
+    monkeypatch.setattr(cli, "cmd_cache", broken)
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser(), broken))
+    assert cli.main(["cache"]) == 2
+    err = capsys.readouterr().err
+    assert "Read less bytes" in err and str(tmp_path) in err and "ltnet cache --clear" in err
+
+
+def _with_func(parser, func):
+    parser.set_defaults(func=func)
+    for action in parser._subparsers._group_actions:
+        for sub in action.choices.values():
+            sub.set_defaults(func=func)
+    return parser
