@@ -135,7 +135,12 @@ class BrainExtractionSettings:
     resampled to ``spacing`` mm, ANTs ``transform`` ("SyN": affine then SyN; "Affine"), SyN
     ``iterations`` per level; the warped mask is cut at ``threshold`` and cleaned (largest
     piece, holes filled). ``templates``: how many templates vote (the first ones not made from
-    the scan itself); a voxel is brain when more than half of them say so."""
+    the scan itself); a voxel is brain when more than half of them say so.
+
+    Defaults from a small grid on sub-01 and sub-03 (``results/brain_extraction/grid.md``):
+    4 mm with (40, 20, 0) iterations takes 8-10 s per 256^3 head for a brain-mask Dice of
+    0.93-0.95 against FreeSurfer's; 3 mm with (60, 30, 10) doubles the time for +0.005-0.01;
+    the cut (0.4-0.7) changes the Dice by less than 0.003."""
     spacing: float = 4.0
     transform: str = "SyN"
     iterations: Tuple[int, ...] = (40, 20, 0)
