@@ -7,9 +7,11 @@ Signals (:func:`qc_signals`), on the grid the field was found on, at 2 mm:
   (noise, blur, a structure cut off, a wrong match), the labels are doubtful there;
 - ``ncc_mean``: the same over every labelled voxel; ``ncc_low``: the mean of the three lowest
   structures;
-- ``sharpness_deviation``: |log| of the ratio of the scan's mean gradient magnitude to the
-  warped atlas' inside the labels: blur (< 1) and noise (> 1) move it, while the NCC of a
-  blurred scan can even rise;
+- ``sharpness_log_ratio``: log of the ratio of the scan's mean gradient magnitude to the
+  warped atlas' inside the labels, and ``sharpness_deviation``, its absolute value: blur
+  (< 0) and noise (> 0) move it, while the NCC of a blurred scan can even rise;
+- ``empty_fraction``: the fraction of the labelled voxels where the scan is (nearly) empty,
+  e.g. cut off by a partial field of view: labels there are guesses;
 - ``folding_percent`` of the field the labels were warped with;
 - ``alignment_ncc``: the affine alignment's similarity to the atlas (aligned scans);
 - ``atlas_disagreement``: with several atlases, the fraction of labelled voxels where they do
@@ -31,8 +33,10 @@ import numpy as np
 
 QC_SPACING = 2          # voxels of the field's grid per QC voxel (2 mm on a 1 mm grid)
 QC_WINDOW = 5           # local NCC window in QC voxels (~9 mm at 2 mm)
-MEAN_FEATURES = ("ncc_mean", "ncc_low", "sharpness_deviation", "folding_percent",
-                 "alignment_ncc", "atlas_disagreement")
+MEAN_FEATURES = ("ncc_mean", "ncc_low", "sharpness_log_ratio", "sharpness_deviation",
+                 "empty_fraction", "folding_percent", "alignment_ncc", "atlas_disagreement")
+#: Below this (normalised intensity) a voxel of the scan counts as empty.
+EMPTY_LEVEL = 0.02
 MODEL_FILE = "qc_model.json"
 
 
@@ -70,20 +74,24 @@ def qc_signals(atlas_image: np.ndarray, atlas_labels: np.ndarray, target: np.nda
         signals[f"ncc_{structure}"] = float(ncc[inside].mean()) if inside.any() else 0.0
     by_structure = sorted(v for k, v in signals.items() if k != "ncc_mean")
     signals["ncc_low"] = float(np.mean(by_structure[:3]))
-    signals["sharpness_deviation"] = sharpness_deviation(target, warped, labels > 0)
+    signals["sharpness_log_ratio"] = sharpness_log_ratio(target, warped, labels > 0)
+    signals["sharpness_deviation"] = abs(signals["sharpness_log_ratio"])
+    signals["empty_fraction"] = (float((target[labels > 0] < EMPTY_LEVEL).mean())
+                                 if (labels > 0).any() else 0.0)
     signals["folding_percent"] = float(folding_percent)
     if alignment_ncc is not None:
         signals["alignment_ncc"] = float(alignment_ncc)
     return signals
 
 
-def sharpness_deviation(target: np.ndarray, warped: np.ndarray, inside: np.ndarray) -> float:
-    """|log(mean |grad target| / mean |grad warped atlas|)| over ``inside`` (0: as sharp)."""
+def sharpness_log_ratio(target: np.ndarray, warped: np.ndarray, inside: np.ndarray) -> float:
+    """log(mean |grad target| / mean |grad warped atlas|) over ``inside`` (0: as sharp;
+    < 0: the scan is blurrier, > 0: noisier or sharper)."""
     def sharpness(image):
         return float(np.sqrt(sum(g ** 2 for g in np.gradient(image)))[inside].mean())
     if not inside.any():
         return 0.0
-    return float(abs(np.log(max(sharpness(target), 1e-6) / max(sharpness(warped), 1e-6))))
+    return float(np.log(max(sharpness(target), 1e-6) / max(sharpness(warped), 1e-6)))
 
 
 def atlas_disagreement(maps: Sequence[np.ndarray]) -> float:

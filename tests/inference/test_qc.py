@@ -39,8 +39,14 @@ def test_signals_rank_cases_of_known_quality():
     assert means[0] > 0.99
     assert means == sorted(means, reverse=True), means
     signals = qc_signals(atlas, labels, targets[1], identity, table, 0.1, alignment_ncc=0.7)
-    assert set(signals) == {"ncc_mean", "ncc_x", "ncc_low", "sharpness_deviation",
-                           "folding_percent", "alignment_ncc"}
+    assert set(signals) == {"ncc_mean", "ncc_x", "ncc_low", "sharpness_log_ratio",
+                           "sharpness_deviation", "empty_fraction", "folding_percent",
+                           "alignment_ncc"}
+    assert signals["empty_fraction"] == 0.0
+    cut = targets[0] - targets[0].min() + 0.5   # a scan: positive inside, 0 outside its view
+    cut[20:] = 0     # a partial field of view: half of the labelled voxels lie where it is empty
+    assert qc_signals(atlas, labels, cut, identity, table, 0.1)["empty_fraction"] == \
+        pytest.approx(0.5, abs=0.05)
 
 
 def test_atlas_disagreement_counts_labelled_voxels_where_atlases_differ():
@@ -89,15 +95,15 @@ def test_threshold_flags_at_most_a_fifth_of_clean_cases():
     assert model.flag(threshold) == "ok"
 
 
-def test_sharpness_deviation_sees_blur_and_noise_that_ncc_may_miss():
+def test_sharpness_ratio_sees_blur_and_noise_that_ncc_may_miss():
     from scipy.ndimage import gaussian_filter
 
-    from ltnet_keras.inference.qc import sharpness_deviation
+    from ltnet_keras.inference.qc import sharpness_log_ratio
     atlas = textured(seed=5)
     inside = np.ones(atlas.shape, bool)
-    assert sharpness_deviation(atlas, atlas, inside) == pytest.approx(0.0, abs=1e-9)
+    assert sharpness_log_ratio(atlas, atlas, inside) == pytest.approx(0.0, abs=1e-9)
     blurred = gaussian_filter(atlas, 1.5)
     noisy = atlas + np.random.default_rng(1).normal(0, atlas.std(), atlas.shape)
-    assert sharpness_deviation(blurred, atlas, inside) > 0.3
-    assert sharpness_deviation(noisy, atlas, inside) > 0.3
-    assert sharpness_deviation(atlas, atlas, np.zeros_like(inside)) == 0.0
+    assert sharpness_log_ratio(blurred, atlas, inside) < -0.3
+    assert sharpness_log_ratio(noisy, atlas, inside) > 0.3
+    assert sharpness_log_ratio(atlas, atlas, np.zeros_like(inside)) == 0.0
