@@ -9,6 +9,7 @@ subject out at a time: each subject's cases are predicted by a model fitted on t
 (``summary.md``: Spearman correlation, flag rates; ``calibration.png``).
 """
 import csv
+import itertools
 import json
 import tempfile
 import time
@@ -22,8 +23,12 @@ import numpy as np
 from ltnet_keras import evaluation
 from ltnet_keras.data.degrade import DEGRADATIONS, degrade
 from ltnet_keras.data.io import find_subjects, load_image, load_label_map, save_volume
-from ltnet_keras.inference.qc import BAD_MARGIN, QCModel
+from ltnet_keras.inference.qc import BAD_MARGIN, MEAN_FEATURES, QCModel
 from ltnet_keras.records import atomic_write_text, csv_text, package_versions, shown_path
+
+
+#: At most this many signals in the mean-Dice line (chosen by :func:`select_features`).
+MOST_FEATURES = 3
 
 
 @dataclass
@@ -122,7 +127,7 @@ def calibrate(run_dir, settings: CalibrationSettings, out_dir, log=print) -> QCM
                 log(f"  {subject} {kind} {severity}: Dice {100 * row.get('dice', np.nan):.1f} "
                     f"ncc {row.get('ncc_mean', np.nan):.3f} ({row['status']})")
     usable = [r for r in rows if r["status"] == "ok"]
-    model = QCModel.fit(usable)
+    model = QCModel.fit(usable, features=select_features(usable))
     judged = leave_one_subject_out(usable)
     model.notes = {"fitted_on": len(usable), "subjects": list(settings.subjects),
                    "bad_margin": BAD_MARGIN, **judged["summary"]}
@@ -136,14 +141,36 @@ def spearman(a, b) -> float:
     return float(spearmanr(a, b).correlation)
 
 
+def _loso_spearman(rows: List[dict], features) -> float:
+    subjects = sorted({r["subject"] for r in rows})
+    pairs = []
+    for subject in subjects:
+        model = QCModel.fit([r for r in rows if r["subject"] != subject], threshold=0.0,
+                            features=features)
+        pairs += [(model.predict(r)["predicted_dice"], r["dice"]) for r in rows
+                  if r["subject"] == subject]
+    return spearman(*zip(*pairs))
+
+
+def select_features(rows: List[dict], most: int = MOST_FEATURES) -> tuple:
+    """The signals of the mean-Dice line: of every subset of at most ``most`` of
+    :data:`MEAN_FEATURES` that the rows have, the one whose predictions rank the cases best
+    when each subject is predicted by a model of the others (fewer signals on a tie)."""
+    available = [f for f in MEAN_FEATURES if all(f in r and r[f] == r[f] for r in rows)]
+    subsets = [s for k in range(1, most + 1) for s in itertools.combinations(available, k)]
+    return max(subsets, key=lambda s: (round(_loso_spearman(rows, s), 6), -len(s)))
+
+
 def leave_one_subject_out(rows: List[dict]) -> dict:
     """Each subject's cases predicted (and flagged) by a model fitted on the other subjects'
-    cases; the clean median and the 'bad' cases (true Dice more than :data:`BAD_MARGIN` below
-    the clean cases' median) as the issue defines them."""
+    cases, its signals chosen (:func:`select_features`) on those other subjects too, so that
+    nothing of the subject judged was seen; the clean median and the 'bad' cases (true Dice
+    more than :data:`BAD_MARGIN` below the clean cases' median) as the issue defines them."""
     subjects = sorted({r["subject"] for r in rows})
     predicted, flags = {}, {}
     for subject in subjects:
-        model = QCModel.fit([r for r in rows if r["subject"] != subject])
+        others = [r for r in rows if r["subject"] != subject]
+        model = QCModel.fit(others, features=select_features(others))
         for i, r in enumerate(rows):
             if r["subject"] == subject:
                 predicted[i] = model.predict(r)["predicted_dice"]
