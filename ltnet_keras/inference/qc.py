@@ -18,9 +18,9 @@ Signals (:func:`qc_signals`), on the grid the field was found on, at 2 mm:
   not all agree.
 
 The model (:class:`QCModel`): per merged structure, a least-squares line from its NCC to its
-Dice; for the mean, a line from the signals the calibration had (``ncc_mean``, ``ncc_low``,
-``folding_percent``, ``alignment_ncc``, ``atlas_disagreement``); both clipped to [0, 1]. A scan
-is flagged ``check`` when its predicted mean Dice falls below ``threshold``. Fitted by
+Dice; for the mean, a least-squares line from the few signals (of :data:`MEAN_FEATURES`) that
+the calibration found to rank its cases best; both clipped to [0, 1]. A scan is flagged
+``check`` when its predicted mean Dice falls below ``threshold``. Fitted by
 :mod:`ltnet_keras.study.qc_calibration` on the validation subjects and degraded copies of
 them; kept as ``<run>/qc_model.json``.
 """
