@@ -182,10 +182,12 @@ BAD_MARGIN = 0.05
 
 
 def choose_threshold(model: QCModel, rows: Sequence[dict]) -> float:
-    """The flag threshold: the highest one that flags at most a fifth of the clean rows
-    (``degradation == "clean"``); among those, the one catching most bad rows."""
+    """The flag threshold: half of :data:`BAD_MARGIN` below the clean rows' (``degradation ==
+    "clean"``) median prediction, since a bad case is a full margin below the clean median;
+    lower still if that would flag more than a fifth of the clean rows."""
     predicted = np.array([model.predict(r)["predicted_dice"] for r in rows])
     clean = np.array([r.get("degradation") == "clean" for r in rows])
     candidates = np.unique(predicted)
     allowed = [t for t in candidates if (predicted[clean] < t).sum() <= 0.2 * clean.sum()]
-    return float(max(allowed)) if allowed else float(candidates.min())
+    fifth = float(max(allowed)) if allowed else float(candidates.min())
+    return min(fifth, float(np.median(predicted[clean])) - BAD_MARGIN / 2)

@@ -224,8 +224,9 @@ def _write_summary(out_dir: Path, usable, rows, judged, model: QCModel, settings
         f"{s['bad_cases']} ({100 * s['bad_flagged_fraction']:.0f} %) |",
         f"| clean cases flagged | {s['clean_flagged']} of {s['clean_cases']} |",
         f"| threshold (predicted Dice, model fitted on all) | {100 * model.threshold:.1f} |", "",
-        "Threshold rule: the highest predicted Dice below which at most a fifth of the clean "
-        "cases fall (`qc.choose_threshold`).", "",
+        "Threshold rule (`qc.choose_threshold`): half the bad margin below the clean cases' "
+        "median predicted Dice, lowered if that would flag more than a fifth of the clean "
+        "cases.", "",
         "| degradation | n | true Dice | predicted (left out) | flagged |", "|---|---|---|---|---|"]
     for kind in dict.fromkeys(r["degradation"] for r in usable):
         index = [i for i, r in enumerate(usable) if r["degradation"] == kind]
