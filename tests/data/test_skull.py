@@ -107,3 +107,31 @@ def test_brain_extraction_of_a_real_head_matches_freesurfers_brainmask():
     assert mask_dice(extraction.mask, truth) > 0.93
     assert np.all(extraction.brain.array[~extraction.mask] == 0)
     assert not skull_check(extraction.brain).has_skull
+
+
+def test_a_batch_extracts_each_brain_once_and_a_changed_file_again(tmp_path, monkeypatch):
+    from ltnet_keras.data import skull
+    from ltnet_keras.data.io import save_volume
+    calls = []
+
+    def fake_extract(scan, templates, settings=None, check=None):
+        calls.append(scan.path)
+        mask = np.zeros(scan.shape, bool)
+        mask[60:140, 60:140, 60:140] = True
+        brain = Volume(np.where(mask, scan.array, 0), scan.affine, None, scan.path)
+        return skull.BrainExtraction(mask, brain, ["t/T1.mgz"], check, {"brain_extraction": 1.0})
+    monkeypatch.setattr(skull, "extract_brain", fake_extract)
+    head = ball(90, shape=(200, 200, 200))
+    paths = [save_volume(head.array, tmp_path / f"{n}.nii.gz", head.affine) for n in "ab"]
+    finder = BrainFinder("auto", [])
+    first = [finder.read(p) for p in paths]          # checking the batch
+    again = [finder.read(p) for p in paths]          # segmenting it
+    assert len(calls) == 2
+    for (brain, extraction), (brain2, extraction2) in zip(first, again):
+        assert np.array_equal(brain.array, brain2.array)
+        assert np.array_equal(extraction.mask, extraction2.mask)
+        assert extraction2.templates == ["t/T1.mgz"]
+    import os
+    os.utime(paths[0], ns=(1, 1))                    # the file changed: extracted again
+    finder.read(paths[0])
+    assert len(calls) == 3
