@@ -9,11 +9,9 @@ the shards of a job array write no rows of their own, so no row is lost or writt
 the last task to finish leaves every row in place. Rerunning any task (its scans are skipped)
 rebuilds them.
 """
-import csv
 import json
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
-
+from typing import List, Optional, Sequence
 
 from ltnet_keras.inference.qc import QCModel
 from ltnet_keras.inference.volumes import label_volumes, write_volumes_csv
@@ -79,11 +77,6 @@ def write_qc_csv(path, records: Sequence[dict]) -> Path:
 
 def _cell(value):
     return f"{value:.4f}" if isinstance(value, float) else value
-
-
-def read_qc_csv(path) -> Dict[str, dict]:
-    with open(path, newline="") as handle:
-        return {row["subject"]: row for row in csv.DictReader(handle)}
 
 
 def rebuild_tables(out_dir, names: Sequence[str], protocol, volumes_path=None, qc_path=None,
