@@ -174,18 +174,17 @@ def run_demo(configs: Sequence[ExperimentConfig], out, settings: Optional[DemoSe
         rows.append(row)
     config, _ = runs[refine_name]
     log(f"segmenting with {refine_name}'s G_F + test-time refinement")
-    row, maps["refined"] = segment_rows(
+    refined_row, maps["refined"] = segment_rows(
         out / refine_name, config, files, table, f"LT-Net ({refine_name}) + refine",
         f"G_F of {refine_name}, then refinement ({settings.refine.to_dict()})",
         settings.refine, log)
-    rows.append(row)
+    rows.append(refined_row)
     log(f"ANTs SyN, same atlas {atlas}, ITK threads {itk_threads}")
     syn_row, maps["syn"] = syn_rows(atlas_files, files, table, settings.syn, log)
     rows.append(syn_row)
 
     _write_records(out, rows, runs, settings, itk_threads, train_seconds, atlas, subjects,
                    first.data.resolved_root())
-    refined_row = rows[-2]
     dice = np.array([s.mean_structure for s in refined_row.scores])
     typical = files[int(np.argsort(dice)[len(dice) // 2])]   # the median case, not the best
     scan = load_image(typical.image)
@@ -212,7 +211,8 @@ def _write_records(out: Path, rows, runs, settings: DemoSettings, itk_threads: i
         "structures per subject, then mean (population std) over subjects.",
         "Every row was measured in this run, on this machine, one after another. s/case: the "
         "whole segmentation of one scan, mean over the cases; 'first case' includes this "
-        "process' one-off compilation (TensorFlow graphs, XLA programs of the refinement), "
+        "process' one-off work (tracing TensorFlow graphs; compiling the refinement's XLA "
+        "programs unless the on-disk cache, `ltnet cache`, holds them already), "
         "'later cases' is the steady state. TensorFlow uses its default thread pools (all "
         f"cores); ANTs/ITK was given {itk_threads} threads.",
         f"Training ({', '.join(f'{n}: {c.train.steps} steps' for n, (c, _) in runs.items())}) "
