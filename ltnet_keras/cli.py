@@ -172,20 +172,22 @@ def _scan_outputs(args):
 
 def _make_segmenter(args):
     from ltnet_keras.inference.segment import Segmenter
-    from ltnet_keras.data.skull import (BrainFinder, default_template_roots,
-                                        find_head_templates)
-    templates = args.head_template or find_head_templates(default_template_roots(
-        args.data or load_config(args.run / "config.yaml").data.resolved_root()))
+    from ltnet_keras.data.skull import default_brain_finder
+    config_file = args.run / "config.yaml"
+    # The data root of the run (or --data); without a run the Segmenter refuses it by name.
+    root = args.data or (load_config(config_file).data.resolved_root()
+                         if config_file.is_file() else None)
     options = {"label_interp": args.label_interp, "align": args.align,
                "refine": refine_settings(args), "alignment_check": args.alignment_check,
-               "brain_finder": BrainFinder(args.skull, templates),
+               "brain_finder": None if root is None else default_brain_finder(
+                   root, args.skull, args.head_template),
                "measure_qc": bool(args.qc or args.report)}
     if args.atlases:
         from ltnet_keras.inference.multi_atlas import MultiAtlasSegmenter, atlas_files
         if args.atlas_image or args.atlas_labels:
             raise ValueError("--atlases replaces --atlas-image / --atlas-labels; give one or the "
                              "other")
-        root = args.data or load_config(args.run / "config.yaml").data.resolved_root()
+        root = root or load_config(config_file).data.resolved_root()
         return MultiAtlasSegmenter(args.run, atlas_files(args.atlases, root), args.fusion,
                                    **options)
     if args.fusion != "majority":

@@ -21,13 +21,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ltnet_keras.data.alignment_check import foreground_mask
 from ltnet_keras.data.errors import VolumeError
 from ltnet_keras.data.io import Volume, load_image
 
 #: Foreground volume (mL) from which a scan is taken to have its skull on.
 HEAD_MIN_ML = 2300.0
-#: Foreground: above this fraction of the 99th intensity percentile of the nonzero voxels.
-FOREGROUND_FRACTION = 0.1
 SKULL_MODES = ("auto", "on", "off")
 #: File names of a head template in a subject folder (FreeSurfer's).
 TEMPLATE_FILES = ("T1.mgz", "brainmask.mgz")
@@ -40,18 +39,19 @@ def check_skull_mode(mode: str) -> str:
     return mode
 
 
-def foreground(array: np.ndarray) -> np.ndarray:
-    """The scan's object: largest connected piece above :data:`FOREGROUND_FRACTION` of the 99th
-    percentile of the nonzero voxels, holes filled."""
+def largest_piece_filled(mask: np.ndarray) -> np.ndarray:
+    """The largest connected piece of ``mask`` with its holes filled (empty if ``mask`` is)."""
     from scipy import ndimage
-    positive = array[array > 0]
-    if positive.size == 0:
-        return np.zeros(array.shape, bool)
-    mask = array > FOREGROUND_FRACTION * float(np.percentile(positive, 99))
     labelled, count = ndimage.label(mask)
     if count > 1:
         mask = labelled == (np.argmax(np.bincount(labelled.ravel())[1:]) + 1)
     return ndimage.binary_fill_holes(mask)
+
+
+def foreground(array: np.ndarray) -> np.ndarray:
+    """The scan's object: the largest piece of what the alignment check calls foreground
+    (above a tenth of the 99th percentile of the nonzero voxels), holes filled."""
+    return largest_piece_filled(foreground_mask(array))
 
 
 @dataclass
@@ -120,6 +120,15 @@ def find_head_templates(roots: Sequence) -> List[HeadTemplate]:
                     found.append(HeadTemplate(image, mask))
                     break
     return found
+
+
+def default_brain_finder(data_root, mode: str = "auto",
+                         templates: Optional[Sequence[HeadTemplate]] = None) -> "BrainFinder":
+    """The reader ``ltnet segment`` uses: ``templates``, else the head templates found under
+    :func:`default_template_roots` of ``data_root``."""
+    if not templates:
+        templates = find_head_templates(default_template_roots(data_root))
+    return BrainFinder(mode, templates)
 
 
 def default_template_roots(data_root) -> List[Path]:
@@ -203,7 +212,6 @@ def extract_brain(scan: Volume, templates: Sequence[HeadTemplate],
                   check: Optional[SkullCheck] = None) -> BrainExtraction:
     """The brain of the whole-head ``scan`` from the first ``settings.templates`` of
     ``templates`` not made from it (refused, naming the scan, when there is none)."""
-    from scipy import ndimage
     settings = settings or BrainExtractionSettings()
     usable = [t for t in templates if not t.is_for(scan.path)][:settings.templates]
     if not usable:
@@ -215,12 +223,10 @@ def extract_brain(scan: Volume, templates: Sequence[HeadTemplate],
     votes = sum((_warped_mask(scan, t, settings) >= settings.threshold).astype(np.int16)
                 for t in usable)
     mask = votes * 2 > len(usable)
-    labelled, count = ndimage.label(mask)
-    if count == 0:
+    if not mask.any():
         raise VolumeError(scan.path, "brain extraction found no brain (the head templates did "
                                      "not register to this scan)")
-    mask = ndimage.binary_fill_holes(
-        labelled == (np.argmax(np.bincount(labelled.ravel())[1:]) + 1))
+    mask = largest_piece_filled(mask)
     brain = Volume(np.where(mask, scan.array, 0).astype(scan.array.dtype), scan.affine,
                    scan.header, scan.path)
     return BrainExtraction(mask, brain, [t.name for t in usable], check or skull_check(scan),

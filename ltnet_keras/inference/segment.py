@@ -26,8 +26,7 @@ from ltnet_keras.data.errors import VolumeError
 from ltnet_keras.data.io import Volume, load_subject, save_volume, subject_id
 from ltnet_keras.data.labels import LabelTable
 from ltnet_keras.data.preprocess import brain_bbox
-from ltnet_keras.data.skull import (BrainExtraction, BrainFinder, default_template_roots,
-                                    find_head_templates)
+from ltnet_keras.data.skull import BrainExtraction, BrainFinder, default_brain_finder
 from ltnet_keras.inference.outputs import output_paths
 from ltnet_keras.inference.refine import (RefineResult, RefineSettings, crop_image,
                                           refine_field)
@@ -180,8 +179,7 @@ class Segmenter:
         self.refine = refine
         # Whole-head scans are detected and their brain extracted (templates: the data root's
         # FreeSurfer subjects, or a `freesurfer` collection beside it) unless told otherwise.
-        self.brain_finder = brain_finder or BrainFinder(
-            "auto", find_head_templates(default_template_roots(data.resolved_root())))
+        self.brain_finder = brain_finder or default_brain_finder(data.resolved_root())
         # The atlas as refinement compares it with each scan: its normalised full-resolution crop.
         self._atlas_crop = crop_image(self.atlas_image, self.atlas.grid) if refine else None
         self.generator = make_generator(self.atlas.image.shape, self.config.network,
