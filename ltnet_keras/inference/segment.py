@@ -13,7 +13,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -238,17 +238,17 @@ class Segmenter:
         a scan too small for the atlas' field of view (:func:`check_field_of_view`); aligning,
         one that resembles the atlas too little once aligned (:meth:`alignment`).
         """
-        image, prepared = self._load_and_prepare(image_path)
+        image, _ = self.brain_finder.read(image_path)
+        prepared = self._prepare_loaded(image, image_path)
         if self.align == "affine":
             self.alignment(image)   # checked before any output is written, and kept
         return prepared
 
-    def _load_and_prepare(self, image_path):
-        image, _ = self.brain_finder.read(image_path)
+    def _prepare_loaded(self, image: Volume, image_path) -> PreparedSubject:
         check_field_of_view(image, self.atlas_volume)
         data = self.config.data
-        return image, prepare_volumes(image, None, data.crop_shape, data.factor,
-                                      subject_id(image_path), self._crop_window)
+        return prepare_volumes(image, None, data.crop_shape, data.factor,
+                               subject_id(image_path), self._crop_window)
 
     def field_for(self, target: PreparedSubject, image: np.ndarray, seconds: dict):
         """The forward field labels are warped with, and its grid's factor on the crop: G_F's
@@ -269,33 +269,33 @@ class Segmenter:
     def segment(self, image_path) -> Segmentation:
         """Label map of one scan on its own grid (Eq. 2), aligned first if ``self.align``;
         with ``measure_qc`` its quality signals too."""
+        # ``on_field_grid``: the scan where the field was found (its own grid, or atlas space).
         if self.align == "affine":
-            result = self._segment_aligned(image_path)
+            result, on_field_grid = self._segment_aligned(image_path)
         else:
-            result = self._segment_in_place(image_path)
+            result, on_field_grid = self._segment_in_place(image_path)
         if result.brain is not None:
             result.seconds.update(result.brain.seconds)
         if self.measure_qc:
             from ltnet_keras.inference.qc import qc_signals
             from ltnet_keras.inference.refine import folding_fraction
             clock = time.perf_counter()
-            target = (result.aligned_image if result.alignment is not None
-                      else self.brain_finder.read(image_path)[0].array)
             folding = (result.refinement.folding_fraction if result.refinement is not None
                        else folding_fraction(result.network_field))
             result.signals.update(qc_signals(
-                self.atlas_image, self.atlas_labels, target, result.sampling_positions,
+                self.atlas_image, self.atlas_labels, on_field_grid, result.sampling_positions,
                 self.protocol, 100.0 * folding,
                 None if result.alignment is None else result.alignment.similarity))
             result.seconds["qc"] = time.perf_counter() - clock
         return result
 
-    def _segment_in_place(self, image_path) -> Segmentation:
-        """The scan is taken to be in the atlas' space already; the field is in its voxels."""
+    def _segment_in_place(self, image_path) -> Tuple[Segmentation, np.ndarray]:
+        """The scan is taken to be in the atlas' space already; the field is in its voxels.
+        Returns the segmentation and the scan (its brain, for a whole head) as segmented."""
         seconds = {}
         clock = time.perf_counter()
-        image, target = self._load_and_prepare(image_path)
-        _, brain = self.brain_finder.read(image_path)
+        image, brain = self.brain_finder.read(image_path)
+        target = self._prepare_loaded(image, image_path)
         seconds["read_prepare"] = time.perf_counter() - clock
 
         field, factor, refined = self.field_for(target, image.array, seconds)
@@ -311,7 +311,7 @@ class Segmenter:
         seconds["warp"] = time.perf_counter() - clock
         return Segmentation(target.subject, labels.astype(self.atlas_labels.dtype),
                             target.affine, target.header, forward_field, offset, seconds,
-                            network_field=field, refinement=refined, brain=brain)
+                            network_field=field, refinement=refined, brain=brain), image.array
 
     def alignment(self, scan) -> Alignment:
         """The affine registration of a loaded scan to the atlas (from the cache if kept),
@@ -320,9 +320,10 @@ class Segmenter:
         return self.checker.checked(scan.path, lambda: cache.alignment(scan, atlas) if cache
                                     else register_affine(scan, atlas, self.registration))
 
-    def _segment_aligned(self, image_path) -> Segmentation:
+    def _segment_aligned(self, image_path) -> Tuple[Segmentation, np.ndarray]:
         """Register the scan to the atlas, run G_F in atlas space, and pull the atlas labels
-        onto the scan's own grid through the inverse affine in one resampling."""
+        onto the scan's own grid through the inverse affine in one resampling. Returns the
+        segmentation and the scan in atlas space."""
         seconds = {}
         clock = time.perf_counter()
         scan, brain = self.brain_finder.read(image_path)
@@ -351,7 +352,7 @@ class Segmenter:
         return Segmentation(target.subject, labels.astype(self.atlas_labels.dtype),
                             scan.affine, scan.header, forward_field, offset, seconds,
                             alignment, aligned.array, network_field=field, refinement=refined,
-                            brain=brain)
+                            brain=brain), aligned.array
 
     def _labels_through(self, alignment: Alignment, field_network, crop_start,
                         offset, factor) -> np.ndarray:
