@@ -122,12 +122,13 @@ def cmd_segment(args):
         extras = optional_outputs(args.save_warped_atlas, args.save_field, save_aligned,
                                   args.save_brain_mask)
         images = read_image_list(args.image_list)
-        planned = plan_cohort(images, args.out, extras, args.shard)
+        whole = plan_cohort(images, args.out, extras)
+        planned = args.shard.take(whole) if args.shard else whole
         status = _segment_cohort(args, planned, save_aligned, scan_outputs)
         if scan_outputs.wanted:   # every row of the whole list whose scan is done, any shard
-            plans = plan_cohort(images, args.out, extras)
-            scan_outputs.fill_missing(images, [p for _, p in plans])
-            scan_outputs.rebuild(images, [p for _, p in plans])
+            plans = [paths for _, paths in whole]
+            scan_outputs.fill_missing(images, plans)
+            scan_outputs.rebuild(images, plans)
         return status
     extras = optional_outputs(args.save_warped_atlas, args.save_field, args.save_aligned,
                               args.save_brain_mask)

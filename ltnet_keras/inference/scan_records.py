@@ -119,15 +119,15 @@ class ScanOutputs:
     def wanted(self) -> bool:
         return bool(self.volumes_path or self.qc_path or self.report_dir)
 
-    def write(self, image_path, paths, result, scan_image=None) -> None:
-        """Record (and with a report, picture) of one segmented scan; ``scan_image``: the
-        Volume the labels lie on (the brain of a whole-head scan), read if not given."""
+    def write(self, image_path, paths, result) -> None:
+        """Record (and with a report, picture: the labels over the scan as given, a whole
+        head included) of one segmented scan."""
         name = output_name(image_path, paths)
         record = scan_record(result, name, image_path, self.protocol, self.qc_model)
         if self.report_dir:
             from ltnet_keras.data.io import load_image
             from ltnet_keras.inference.report import write_scan_picture
-            scan = scan_image if scan_image is not None else load_image(image_path)
+            scan = load_image(image_path)
             qc = record.get("qc")
             caption = (f"QC {qc['flag']}, predicted Dice {100 * qc['predicted_dice']:.1f}"
                        if qc else "")
