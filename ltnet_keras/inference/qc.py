@@ -68,8 +68,7 @@ def qc_signals(atlas_image: np.ndarray, atlas_labels: np.ndarray, target: np.nda
     target = normalise_intensity(np.asarray(target, np.float32)[step])
     ncc = local_ncc(warped, target)
     signals = {"ncc_mean": float(ncc[labels > 0].mean()) if (labels > 0).any() else 0.0}
-    for structure in dict.fromkeys(table.structures):
-        ids = [i for i, s in zip(table.ids.tolist(), table.structures) if s == structure]
+    for structure, ids in table.structure_ids().items():
         inside = np.isin(labels, ids)
         signals[f"ncc_{structure}"] = float(ncc[inside].mean()) if inside.any() else 0.0
     by_structure = sorted(v for k, v in signals.items() if k != "ncc_mean")
