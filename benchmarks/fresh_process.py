@@ -46,12 +46,12 @@ def timed(command, env) -> float:
 
 
 def score(labels_path, truth_path, table_path) -> float:
-    from ltnet_keras import evaluation
+    """The project's per-subject Dice (%) of a written label map (``refine_sweep.score``)."""
     from ltnet_keras.data.io import load_label_map
     from ltnet_keras.data.labels import LabelTable
-    return 100 * evaluation.evaluate_pair(load_label_map(labels_path).array,
-                                          load_label_map(truth_path).array,
-                                          LabelTable.from_tsv(table_path)).mean_structure
+    from ltnet_keras.study.refine_sweep import score as dice
+    return dice(load_label_map(labels_path).array, load_label_map(truth_path).array,
+                LabelTable.from_tsv(table_path))
 
 
 def main(argv=None):

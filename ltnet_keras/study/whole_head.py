@@ -11,12 +11,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ltnet_keras import evaluation
 from ltnet_keras.data.grids import voxel_sizes
 from ltnet_keras.data.io import load_image, load_label_map
 from ltnet_keras.data.skull import mask_dice
 from ltnet_keras.inference.volumes import label_volumes, volume_errors
 from ltnet_keras.records import atomic_write_text, csv_text, package_versions, shown_path
+from ltnet_keras.study.refine_sweep import score
 
 INPUTS = ("T1.mgz", "brainmask.mgz")
 
@@ -41,10 +41,10 @@ def measure_whole_head(run_dir, subjects: Sequence[str], out_dir, refine_levels=
             clock = time.perf_counter()
             result = segmenter.segment(folder / name)
             seconds = time.perf_counter() - clock
-            scores = evaluation.evaluate_pair(result.labels, truth.array, protocol, subject)
             errors = volume_errors(label_volumes(result.labels, voxel_sizes(result.affine),
                                                  protocol), truth_volumes, protocol.names)
-            row = {"subject": subject, "input": name, "dice": 100 * scores.mean_structure,
+            row = {"subject": subject, "input": name,
+                   "dice": score(result.labels, truth.array, protocol),
                    "volume_error_percent": 100 * float(np.mean(list(errors.values()))),
                    "seconds": seconds, "skull_detected": result.brain is not None}
             if result.brain is not None:
