@@ -223,7 +223,8 @@ def _shard_option(text):
 REFINE_OPTIONS = {"refine_levels": "levels", "refine_lr": "learning_rate",
                   "refine_window": "ncc_window", "refine_weight": "regularizer_weight",
                   "refine_smoothing": "smoothing_passes", "refine_diffeomorphic": "diffeomorphic",
-                  "refine_tolerance": "tolerance"}
+                  "refine_tolerance": "tolerance", "refine_start": "start",
+                  "refine_objective": "objective"}
 
 
 def refine_settings(args):
@@ -406,6 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("--refine-tolerance", type=float,
                         help="stop a level when the loss improves by less than this fraction "
                         "over 10 steps (0: run every step)")
+    refine.add_argument("--refine-start", choices=("network", "zero"),
+                        help="start from G_F's field (and G_B's, for ltnet), the default, or "
+                        "from the identity")
+    refine.add_argument("--refine-objective", choices=("plain", "ltnet"),
+                        help="plain (default): NCC + diffusion on the forward field; ltnet: "
+                        "forward and backward fields together with NCC both ways and the "
+                        "cycle terms of Eq. 7-8 (slower; see results/refine_ltnet)")
     p.set_defaults(func=cmd_segment)
     return parser
 

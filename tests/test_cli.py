@@ -213,10 +213,14 @@ def test_refine_options_build_the_settings():
     from ltnet_keras.inference.refine import RefineSettings
     defaults = cli.refine_settings(_segment_args("--refine"))
     assert defaults == RefineSettings()
+    ltnet = cli.refine_settings(_segment_args("--refine", "--refine-start", "zero",
+                                              "--refine-objective", "ltnet"))
+    assert (ltnet.start, ltnet.objective) == ("zero", "ltnet")
 
 
 @pytest.mark.parametrize("extra,message", [
     (["--refine-lr", "0.2"], "--refine-lr: these options need --refine"),
+    (["--refine-objective", "ltnet"], "--refine-objective: these options need --refine"),
     (["--refine", "--refine-levels", "4-60"], "FACTOR:STEPS pairs"),
     (["--refine", "--refine-levels", "3:20"], "valid: 1, 2, 4, 8"),
     (["--refine", "--refine-levels", "2:20,4:20"], "coarse to fine"),

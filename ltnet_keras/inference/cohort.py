@@ -165,8 +165,11 @@ def describe_result(image, labels_path, result) -> str:
     """The line printed per segmented scan: where it went and each stage's seconds."""
     timing = ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items())
     total = sum(result.seconds.values())
-    folding = ("" if result.refinement is None else
-               f"; refined field folds {100 * result.refinement.folding_fraction:.3f}%")
+    refined = result.refinement
+    folding = ("" if refined is None else
+               f"; refined field folds {100 * refined.folding_fraction:.3f}%")
+    if refined is not None and refined.inverse_consistency_mm is not None:
+        folding += f", forward-backward round trip {refined.inverse_consistency_mm:.2f} mm"
     return f"{image} -> {labels_path} ({timing}; total {total:.2f}s{folding})"
 
 

@@ -29,18 +29,22 @@ import tensorflow as tf
 
 from ltnet_keras.data.preprocess import normalise_intensity
 from ltnet_keras.models import trilinear
+from ltnet_keras.inference.refine_cycle import CycleWeights
 from ltnet_keras.inference.refine_equations import (  # noqa: F401  (the equations, re-exported)
-    NCC_EPSILON, box_sum, box_sum_axis, corner_table, diffusion_and_gradient, folding_fraction,
+    ADAM_BETAS, ADAM_EPSILON, NCC_EPSILON, adam_update, box_sum, box_sum_axis, corner_table, diffusion_and_gradient, folding_fraction,
     integrate_velocity, ncc_and_gradient, objective, smooth, smooth_transpose, target_sums,
     warp_and_derivative)
 
 
 #: Level factors (voxel size in mm of a 1 mm crop) a level may use, finest 1.
 VALID_FACTORS = (1, 2, 4, 8)
+#: Where refinement starts: G_F's field (and G_B's, if the run has one), or the identity.
+STARTS = ("network", "zero")
+#: ``plain``: NCC + diffusion on the forward field; ``ltnet``: both fields with the cycle
+#: terms of Eq. 7-10 (:mod:`ltnet_keras.inference.refine_cycle`).
+OBJECTIVES = ("plain", "ltnet")
 #: Upper bound on Adam steps per level (a sanity bound: the sweep never needed 100).
 MAX_STEPS = 1000
-ADAM_BETAS = (0.9, 0.999)
-ADAM_EPSILON = 1e-12    # the per-voxel gradients of a voxel mean are ~1e-7: keep eps below
 
 
 def parse_levels(text: str):
@@ -83,8 +87,21 @@ class RefineSettings:
     integration_steps: int = 7
     tolerance: float = 0.0
     patience: int = 10
+    start: str = "network"
+    objective: str = "plain"
+    cycle: CycleWeights = dc_field(default_factory=CycleWeights)
 
     def __post_init__(self):
+        if isinstance(self.cycle, dict):
+            object.__setattr__(self, "cycle", CycleWeights(**self.cycle))
+        if self.start not in STARTS:
+            raise ValueError(f"refinement start {self.start!r} is not one of {', '.join(STARTS)}")
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"refinement objective {self.objective!r} is not one of "
+                             f"{', '.join(OBJECTIVES)}")
+        if self.objective == "ltnet" and self.diffeomorphic:
+            raise ValueError("the ltnet objective refines displacements: it does not combine "
+                             "with diffeomorphic")
         try:
             levels = tuple((int(f), int(s)) for f, s in self.levels)
         except (TypeError, ValueError):
@@ -126,7 +143,8 @@ class RefineSettings:
                 "regularizer_weight": self.regularizer_weight,
                 "smoothing_passes": self.smoothing_passes, "diffeomorphic": self.diffeomorphic,
                 "integration_steps": self.integration_steps, "tolerance": self.tolerance,
-                "patience": self.patience}
+                "patience": self.patience, "start": self.start, "objective": self.objective,
+                "cycle": self.cycle.to_dict()}
 
 
 @dataclass
@@ -148,6 +166,11 @@ class RefineResult:
     steps_per_level: Tuple[int, ...]
     folding_fraction: float
     settings: RefineSettings = dc_field(default_factory=RefineSettings)
+    #: With the ``ltnet`` objective: the backward field ``(x, y, z, 3)`` on the atlas' crop at
+    #: ``factor`` (pull: ``target(s + B(s))`` faces ``atlas(s)``), and the mean length (mm) of
+    #: the round trip ``F(p) + B(p + F(p))`` (0 when B inverts F).
+    backward_field: Optional[np.ndarray] = None
+    inverse_consistency_mm: Optional[float] = None
 
     @property
     def seconds(self) -> float:
@@ -248,15 +271,7 @@ def _integrate_vjp(fields, upstream, steps: int):
     return upstream / float(2 ** steps)
 
 
-@_compiled
-def _adam(delta, m, v, gradient, step, learning_rate):
-    beta1, beta2 = ADAM_BETAS
-    m = beta1 * m + (1.0 - beta1) * gradient
-    v = beta2 * v + (1.0 - beta2) * gradient * gradient
-    update = (m / (1.0 - beta1 ** step)) / (tf.sqrt(v / (1.0 - beta2 ** step)) + ADAM_EPSILON)
-    return delta - learning_rate * update, m, v
-
-
+_adam = _compiled(adam_update)
 _warp = _compiled(warp_and_derivative)
 _target_sums = _compiled(target_sums)
 _corner_table = _compiled(corner_table)
@@ -312,8 +327,10 @@ def network_factor(crop_shape, field_shape) -> int:
 
 
 def refine_field(atlas_image, target_image, initial_field,
-                 settings: Optional[RefineSettings] = None) -> RefineResult:
-    """Refine a forward field by coarse-to-fine Adam on local NCC + diffusion.
+                 settings: Optional[RefineSettings] = None, initial_backward=None,
+                 atlas_labels=None) -> RefineResult:
+    """Refine a forward field by coarse-to-fine Adam on local NCC + diffusion (``plain``), or
+    the forward and backward fields together under LT-Net's cycle terms (``ltnet``).
 
     Args:
         atlas_image, target_image: ``(X, Y, Z)`` float32 crops at full resolution (1 mm), each
@@ -321,8 +338,13 @@ def refine_field(atlas_image, target_image, initial_field,
             (:func:`crop_image`); same shape, divisible by every level factor.
         initial_field: ``(X / n, Y / n, Z / n, 3)``: G_F's forward field on the network grid
             (the crop down-sampled by ``n``, e.g. 4 -> 32x48x32), in network voxels, pull
-            convention ``warped(i) = atlas(i + field(i))``; zeros start from the identity.
+            convention ``warped(i) = atlas(i + field(i))``; ``settings.start == "zero"``
+            replaces it (and ``initial_backward``) by the identity.
         settings: :class:`RefineSettings` (default: 40, 30, 15 steps at 8, 4, 2 mm).
+        initial_backward: ``ltnet`` only: G_B's backward field on the same grid (pull:
+            ``target(s + B(s))`` faces ``atlas(s)``); without it, G_F's field inverted
+            (:func:`~ltnet_keras.inference.refine_cycle.approximate_inverse`).
+        atlas_labels: ``ltnet`` with the label terms (Eq. 9, 10): the atlas' label crop.
 
     Returns:
         :class:`RefineResult`, its field at the last level's factor in that grid's voxels.
@@ -343,6 +365,11 @@ def refine_field(atlas_image, target_image, initial_field,
     if bad:
         raise ValueError(f"level factors {bad} do not divide the crop {atlas_image.shape}; "
                          f"valid: {fits}")
+    if settings.start == "zero":
+        initial_field = np.zeros_like(initial_field)
+    if settings.objective == "ltnet":
+        return _refine_pair(atlas_image, target_image, initial_field, initial_backward,
+                            atlas_labels, state_factor, settings)
     state = tf.constant(initial_field)  # diffeomorphic: G_F's displacement starts the velocity
     histories, seconds, steps_run = [], [], []
     final_loss, factor, displacement = float("nan"), state_factor, state
@@ -362,3 +389,44 @@ def refine_field(atlas_image, target_image, initial_field,
     field = np.asarray(displacement, np.float32)
     return RefineResult(field, factor, tuple(histories), final_loss, tuple(seconds),
                         tuple(steps_run), folding_fraction(field), settings)
+
+
+def _refine_pair(atlas_image, target_image, initial_field, initial_backward, atlas_labels,
+                 state_factor: int, settings: RefineSettings) -> RefineResult:
+    """:func:`refine_field` for the ``ltnet`` objective: both fields, level by level."""
+    from ltnet_keras.inference import refine_cycle
+    if settings.start == "zero" or initial_backward is None:
+        initial_backward = (np.zeros_like(initial_field) if settings.start == "zero"
+                            else refine_cycle.approximate_inverse(initial_field))
+    initial_backward = np.asarray(initial_backward, np.float32)
+    if initial_backward.shape != initial_field.shape:
+        raise ValueError(f"initial backward field {initial_backward.shape} must have the forward "
+                         f"field's shape {initial_field.shape}")
+    uses_labels = settings.cycle.anatomy_cycle or settings.cycle.anatomy_difference
+    if uses_labels and atlas_labels is None:
+        raise ValueError("the label terms (Eq. 9, 10) need the atlas' label crop")
+    label_count = len(np.unique(atlas_labels)) if uses_labels else 1
+    forward, backward = tf.constant(initial_field), tf.constant(initial_backward)
+    histories, seconds, residual = [], [], None
+    final_loss, factor = float("nan"), state_factor
+    for factor, steps in settings.levels:
+        clock = time.perf_counter()
+        shape = tuple(n // factor for n in atlas_image.shape)
+        level = refine_cycle.make_level(
+            downsample_image(atlas_image, factor), downsample_image(target_image, factor),
+            refine_cycle.level_labels(atlas_labels if uses_labels else None, factor, shape),
+            level_window(settings.ncc_window, factor), label_count)
+        base_f, base_b = (tf.transpose(resample_field(f, state_factor, factor, shape),
+                                       [3, 0, 1, 2]) for f in (forward, backward))
+        forward, backward, residual, history, final_loss = refine_cycle.run_pair_level(
+            level, base_f, base_b, steps, settings.cycle, settings.regularizer_weight,
+            settings.smoothing_passes, settings.learning_rate)
+        forward, backward = (tf.transpose(f, [1, 2, 3, 0]) for f in (forward, backward))
+        state_factor = factor
+        histories.append(history)
+        seconds.append(time.perf_counter() - clock)
+    field = np.asarray(forward, np.float32)
+    return RefineResult(field, factor, tuple(histories), final_loss, tuple(seconds),
+                        tuple(len(h) for h in histories), folding_fraction(field), settings,
+                        np.asarray(backward, np.float32),
+                        refine_cycle.inverse_consistency_mm(residual, factor))

@@ -9,6 +9,8 @@ import tensorflow as tf
 from ltnet_keras.models import trilinear
 
 NCC_EPSILON = 1e-5
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPSILON = 1e-12    # the per-voxel gradients of a voxel mean are ~1e-7: keep eps below
 
 
 # -------------------------------------------------------------------------- the equations
@@ -187,6 +189,15 @@ def objective(atlas, target, field, window: int, weight):
     regulariser, d_field = diffusion_and_gradient(field)
     return (-similarity + weight * regulariser,
             -d_warped[None] * derivative + weight * d_field)
+
+
+def adam_update(delta, m, v, gradient, step, learning_rate):
+    """One Adam step (Kingma & Ba) on ``delta``: returns the new ``delta``, ``m``, ``v``."""
+    beta1, beta2 = ADAM_BETAS
+    m = beta1 * m + (1.0 - beta1) * gradient
+    v = beta2 * v + (1.0 - beta2) * gradient * gradient
+    update = (m / (1.0 - beta1 ** step)) / (tf.sqrt(v / (1.0 - beta2 ** step)) + ADAM_EPSILON)
+    return delta - learning_rate * update, m, v
 
 
 def folding_fraction(field: np.ndarray) -> float:

@@ -139,7 +139,7 @@ class Segmenter:
         import tensorflow as tf
 
         from ltnet_keras.models.generators import make_generator
-        from ltnet_keras.training import FORWARD_WEIGHTS
+        from ltnet_keras.training import BACKWARD_WEIGHTS, FORWARD_WEIGHTS
 
         run_dir = Path(run_dir)
         for needed in ("config.yaml", "atlas.json", FORWARD_WEIGHTS):
@@ -185,6 +185,14 @@ class Segmenter:
         self.generator = make_generator(self.atlas.image.shape, self.config.network,
                                         "forward_generator")
         self.generator.load_weights(str(run_dir / FORWARD_WEIGHTS))
+        # LT-Net at test time: G_B starts the backward field; the atlas' labels feed Eq. 9-10.
+        self._predict_backward, self._atlas_label_crop = None, None
+        if refine is not None and refine.objective == "ltnet":
+            from ltnet_keras.inference.refine_cycle import backward_predictor
+            self._atlas_label_crop = self.atlas.grid.crop(self.atlas_labels)
+            if refine.start == "network" and (run_dir / BACKWARD_WEIGHTS).exists():
+                self._predict_backward = backward_predictor(
+                    run_dir / BACKWARD_WEIGHTS, self.atlas.image, self.config.network)
         atlas_input = tf.constant(self.atlas.image[None, ..., None])
         atlas_labels_tensor = tf.constant(self.atlas_labels.astype(np.int32))
         generator, method = self.generator, self.label_interp
@@ -261,8 +269,10 @@ class Segmenter:
         seconds["network"] = time.perf_counter() - clock
         if self.refine is None:
             return field_network, self.config.data.factor, None
+        backward = (self._predict_backward(field_network) if self._predict_backward
+                    and self.refine.objective == "ltnet" else None)
         result = refine_field(self._atlas_crop, crop_image(image, target.grid), field_network,
-                              self.refine)
+                              self.refine, backward, self._atlas_label_crop)
         seconds["refine"] = result.seconds
         return result.field, result.factor, result
 
@@ -286,6 +296,9 @@ class Segmenter:
                 self.atlas_image, self.atlas_labels, on_field_grid, result.sampling_positions,
                 self.protocol, 100.0 * folding,
                 None if result.alignment is None else result.alignment.similarity))
+            if result.refinement is not None and result.refinement.inverse_consistency_mm:
+                # LT-Net's objective: how far G_B's refined field is from inverting G_F's.
+                result.signals["inverse_consistency_mm"] = result.refinement.inverse_consistency_mm
             result.seconds["qc"] = time.perf_counter() - clock
         return result
 

@@ -47,6 +47,8 @@ class Case:
     network_field: np.ndarray
     truth: np.ndarray
     network_seconds: float
+    #: G_B's backward field for G_F's (runs with a G_B), the ``ltnet`` objective's start.
+    backward_field: Optional[np.ndarray] = None
 
 
 class CaseMaker:
@@ -60,6 +62,14 @@ class CaseMaker:
         from ltnet_keras.inference.transfer import field_to_grid, sampling_grid, warp_labels_tf
         self.segmenter = Segmenter(run_dir, align="none")
         self.atlas_crop = crop_image(self.segmenter.atlas_image, self.segmenter.atlas.grid)
+        self.atlas_label_crop = self.segmenter.atlas.grid.crop(self.segmenter.atlas_labels)
+        self._predict_backward = None
+        from ltnet_keras.training import BACKWARD_WEIGHTS
+        if (Path(run_dir) / BACKWARD_WEIGHTS).exists():
+            from ltnet_keras.inference.refine_cycle import backward_predictor
+            self._predict_backward = backward_predictor(
+                Path(run_dir) / BACKWARD_WEIGHTS, self.segmenter.atlas.image,
+                self.segmenter.config.network)
         labels = tf.constant(self.segmenter.atlas_labels.astype(np.int32))
         method = self.segmenter.label_interp
 
@@ -77,8 +87,9 @@ class CaseMaker:
         field = np.asarray(self.segmenter.forward_field(target))
         seconds = time.perf_counter() - clock
         target_crop = crop_image(load_image(image_path).array, target.grid)
+        backward = None if self._predict_backward is None else self._predict_backward(field)
         return Case(subject, target, self.atlas_crop, target_crop, field,
-                    load_label_map(label_path).array, seconds)
+                    load_label_map(label_path).array, seconds, backward)
 
     def labels(self, case: Case, field: np.ndarray, factor: int) -> np.ndarray:
         """Atlas labels on the scan's own grid through ``field`` (``(x, y, z, 3)`` at
@@ -112,7 +123,8 @@ def run_case(maker: CaseMaker, case: Case, settings: Optional[RefineSettings], t
     if settings is None:
         field, factor = case.network_field, case.target.grid.factor
     else:
-        refined = refine_field(case.atlas_crop, case.target_crop, case.network_field, settings)
+        refined = refine_field(case.atlas_crop, case.target_crop, case.network_field, settings,
+                               case.backward_field, maker.atlas_label_crop)
         field, factor = refined.field, refined.factor
     clock = time.perf_counter()
     labels = maker.labels(case, field, factor)
@@ -129,6 +141,7 @@ def run_case(maker: CaseMaker, case: Case, settings: Optional[RefineSettings], t
                     if len(refined.loss_history[0]) else refined.final_loss,
                     "loss_end": refined.final_loss,
                     "folding_percent": 100.0 * refined.folding_fraction,
+                    "inverse_consistency_mm": refined.inverse_consistency_mm,
                     "steps": "+".join(map(str, refined.steps_per_level)),
                     "level_s": "+".join(f"{s:.2f}" for s in refined.seconds_per_level),
                     "step_ms": "+".join(f"{1000 * s / max(k, 1):.1f}" for s, k in zip(
