@@ -51,10 +51,12 @@ class CycleWeights:
     """Weights of the terms of the test-time LT-Net objective (module docstring); the
     diffusion weight is ``RefineSettings.regularizer_weight``, shared with the plain objective.
 
-    Defaults: the best of ``results/refine_ltnet``'s grid on the validation subjects."""
+    Defaults: the best of the grid on validation subjects S31-S33
+    (``results/refine_ltnet/tune``): a weak coupling; stronger ones lost Dice (Eq. 8 at 5:
+    -2.2 points against the plain objective)."""
     backward_similarity: float = 1.0   # NCC(atlas, target o B)
-    image_cycle: float = 1.0           # Eq. 7
-    transformation: float = 1.0        # Eq. 8
+    image_cycle: float = 0.1           # Eq. 7
+    transformation: float = 0.1        # Eq. 8
     anatomy_cycle: float = 0.0         # Eq. 9
     anatomy_difference: float = 0.0    # Eq. 10
 
@@ -201,12 +203,7 @@ def _states(base_f, delta_f, base_b, delta_b, passes):
 
 
 @_compiled
-def _field_tables(forward, backward):
-    return field_tables(forward), field_tables(backward)
-
-
-@_compiled
-def _round_trip(field, moving_table, own_table, own_image, other_table, cycle_weight,
+def _round_trip(field, moving_table, own_table, own_image, other_field, cycle_weight,
                 trans_weight):
     """One side of the cycle, for ``field`` (``F`` on the target's grid, or ``B`` on the
     atlas'): the moving image warped (and its derivative), the round trip ``E = field +
@@ -215,7 +212,9 @@ def _round_trip(field, moving_table, own_table, own_image, other_table, cycle_we
     the cell at ``p + E`` (the label terms read them)."""
     voxels = float(np.prod(field.shape[1:]))
     warped, d_warped = warp_and_derivative(moving_table, field)
-    other, jacobian = sample(other_table, field)
+    # The other field's corner tables are made here: in one program with the warp XLA
+    # writes them no more than once (as separate outputs: ~9x the warp's time, measured).
+    other, jacobian = sample(field_tables(other_field), field)
     residual = field + other
     trans, d_trans = charbonnier_and_derivative(residual, TRANS_EPSILON, TRANS_GAMMA)
     back, d_back = warp_and_derivative(own_table, residual)
@@ -307,12 +306,11 @@ def pair_loss_and_gradients(level: _Level, forward, backward, weights: CycleWeig
     """The objective at fields ``forward``, ``backward`` ``(3, x, y, z)`` and its gradients
     with respect to their (smoothed) updates; also the forward round trip ``E_F``."""
     w = {k: tf.constant(v, tf.float32) for k, v in weights.to_dict().items()}
-    forward_table, backward_table = _field_tables(forward, backward)
     (warped_f, d_warped_f, residual_f, loss_f, trip_f, _) = _round_trip(
-        forward, level.atlas_table, level.target_table, level.target, backward_table,
+        forward, level.atlas_table, level.target_table, level.target, backward,
         w["image_cycle"], w["transformation"])
     (warped_b, d_warped_b, residual_b, loss_b, trip_b, jacobian_b) = _round_trip(
-        backward, level.target_table, level.atlas_table, level.atlas, forward_table,
+        backward, level.target_table, level.atlas_table, level.atlas, forward,
         w["image_cycle"], w["transformation"])
     zero = tf.zeros_like(forward)
     label_loss, label_f, label_b = 0.0, zero, zero
