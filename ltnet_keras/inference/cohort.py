@@ -150,10 +150,13 @@ def _partial_name(final: Path, image, tag: str) -> Path:
 
 def remove_partial_labels(image, paths: Dict[str, Path]) -> None:
     """Remove the temporary label maps a killed process left for this scan (none on a clean
-    exit: :func:`_write_labels_last` removes its own)."""
+    exit: :func:`_write_labels_last` removes its own), and ``save_volume``'s own temporary
+    file of one."""
+    ext = output_suffix(image)
     pattern = _partial_name(paths["labels"], image, "*")
-    for leftover in pattern.parent.glob(pattern.name):
-        leftover.unlink(missing_ok=True)
+    for glob in (pattern.name, f".{pattern.name[:-len(ext)]}.tmp-*{ext}"):
+        for leftover in pattern.parent.glob(glob):
+            leftover.unlink(missing_ok=True)
 
 
 def _write_labels_last(segmenter, result, paths: Dict[str, Path], image, options: dict,
