@@ -363,3 +363,10 @@ def test_a_dying_worker_stops_the_cohort_with_a_clear_message(tmp_path):
     assert "stopped after 0 of 3 scans were segmented" in message and "to resume" in message
     assert error.value.exit_code == 1
     assert not list((tmp_path / "out").iterdir())
+
+
+def test_volume_errors_cross_processes_as_they_are():
+    import pickle
+    error = pickle.loads(pickle.dumps(VolumeError("/a/b.nii.gz", "no such file")))
+    assert type(error) is VolumeError and str(error) == "/a/b.nii.gz: no such file"
+    assert (error.source, error.problem) == ("/a/b.nii.gz", "no such file")
