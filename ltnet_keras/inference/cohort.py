@@ -11,18 +11,16 @@ scans are skipped (unless ``overwrite``), so a re-submitted array resumes. A sca
 (an unreadable file, a scan too small for the atlas, a failed registration) is reported and
 the cohort goes on; the caller turns failures into a non-zero exit status at the end.
 """
-import os
 import re
-import secrets
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ltnet_keras.data.errors import VolumeError
-from ltnet_keras.data.io import output_suffix
 from ltnet_keras.inference.outputs import plan_output_paths
-from ltnet_keras.inference.segment import write_segmentation
+from ltnet_keras.inference.scan_job import (describe_result, failure_reason,  # noqa: F401
+                                            segment_and_write)
 
 #: Exit status of ``ltnet segment`` when some scans of a cohort failed (2: refused up front).
 EXIT_SOME_FAILED = 1
@@ -141,62 +139,6 @@ def _existing_outputs(paths: Dict[str, Path], extras: Sequence[str]) -> Tuple[bo
     written for whole-head scans, so its absence says nothing."""
     return paths["labels"].exists(), [paths[key] for key in extras
                                       if key != "brain_mask" and not paths[key].exists()]
-
-
-def _partial_name(final: Path, image, tag: str) -> Path:
-    ext = output_suffix(image)
-    return final.with_name(f".{final.name[:-len(ext)]}.partial-{tag}{ext}")
-
-
-def remove_partial_labels(image, paths: Dict[str, Path]) -> None:
-    """Remove the temporary label maps a killed process left for this scan (none on a clean
-    exit: :func:`_write_labels_last` removes its own), and ``save_volume``'s own temporary
-    file of one."""
-    ext = output_suffix(image)
-    pattern = _partial_name(paths["labels"], image, "*")
-    for glob in (pattern.name, f".{pattern.name[:-len(ext)]}.tmp-*{ext}"):
-        for leftover in pattern.parent.glob(glob):
-            leftover.unlink(missing_ok=True)
-
-
-def _write_labels_last(segmenter, result, paths: Dict[str, Path], image, options: dict,
-                       scan_outputs=None) -> None:
-    """Write the optional outputs (and the scan's record and picture), then the label map
-    under a hidden temporary name renamed into place: a label map on the disk means every
-    output of the scan is complete."""
-    final = paths["labels"]
-    temporary = _partial_name(final, image, secrets.token_hex(4))
-    try:
-        write_segmentation(result, dict(paths, labels=temporary), segmenter.atlas_image,
-                           segmenter.atlas_volume.affine, **options)
-        if scan_outputs is not None and scan_outputs.wanted:
-            scan_outputs.write(image, paths, result)
-        os.replace(temporary, final)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def segment_and_write(segmenter, image, paths: Dict[str, Path], options: dict,
-                      scan_outputs=None) -> str:
-    """Segment one scan, write its outputs labels last; returns its :func:`describe_result`
-    line. ``options``: the ``save_*`` flags of :func:`write_segmentation`."""
-    result = segmenter.segment(image)
-    _write_labels_last(segmenter, result, paths, image, options, scan_outputs)
-    return describe_result(image, paths["labels"], result)
-
-
-def failure_reason(error: BaseException) -> str:
-    """How a failed scan is reported: a VolumeError's message names the file already."""
-    return str(error) if isinstance(error, VolumeError) else f"{type(error).__name__}: {error}"
-
-
-def describe_result(image, labels_path, result) -> str:
-    """The line printed per segmented scan: where it went and each stage's seconds."""
-    timing = ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items())
-    total = sum(result.seconds.values())
-    folding = ("" if result.refinement is None else
-               f"; refined field folds {100 * result.refinement.folding_fraction:.3f}%")
-    return f"{image} -> {labels_path} ({timing}; total {total:.2f}s{folding})"
 
 
 def segment_cohort(make_segmenter: Callable[[], object],

@@ -3,7 +3,7 @@
 Each worker is a fresh process (multiprocessing's ``spawn``: TensorFlow is not fork-safe) with
 ONE thread for TensorFlow (intra- and inter-op), ITK and OpenMP; it builds its own segmenter
 once and then takes scans from the parent, one at a time, as it becomes free. A worker does to
-a scan exactly what one process does (:func:`~ltnet_keras.inference.cohort.segment_and_write`:
+a scan exactly what one process does (:func:`~ltnet_keras.inference.scan_job.segment_and_write`:
 outputs first, label map last), so the files are the same as one process writes; only the
 order in which scans finish (and their progress lines) changes. The parent alone prints, counts
 and, at the end, rebuilds the tables from the records.
@@ -109,7 +109,7 @@ def _start_worker(payload: bytes):
     except RuntimeError:   # already initialised: the environment above said 1 already
         pass
     with native_stderr_filtered():
-        import ltnet_keras.inference.cohort  # noqa: F401  (TensorFlow's Keras, voxelmorph)
+        import ltnet_keras.inference.scan_job  # noqa: F401  (TensorFlow's Keras, voxelmorph)
         return pickle.loads(payload)
 
 
@@ -122,7 +122,7 @@ def _worker(number: int, payload: bytes, inbox, outbox):
     parent = os.getppid()
     try:
         make_segmenter, options, scan_outputs = _start_worker(payload)
-        from ltnet_keras.inference.cohort import failure_reason, segment_and_write
+        from ltnet_keras.inference.scan_job import failure_reason, segment_and_write
         try:
             segmenter = make_segmenter()
         except Exception as error:
@@ -229,7 +229,7 @@ class WorkerPool:
         SIGINT (they drop it, removing their temporary files); any still running after
         :data:`STOP_GRACE` seconds is terminated, then killed. Temporary label maps of the
         tasks in progress are removed (a killed worker cannot)."""
-        from ltnet_keras.inference.cohort import remove_partial_labels
+        from ltnet_keras.inference.scan_job import remove_partial_labels
         for number, process in enumerate(self.processes):
             if process.exitcode is None:
                 if interrupt:
