@@ -1,5 +1,6 @@
 """``ltnet`` command line: thin wrappers that parse arguments and call the package."""
 import argparse
+import functools
 import sys
 import warnings
 from pathlib import Path
@@ -116,6 +117,7 @@ def cmd_segment(args):
         raise ValueError("--shard needs --image-list: every task of the array reads the same "
                          "list and takes its share of it")
     scan_outputs = _scan_outputs(args)
+    make_segmenter = functools.partial(_make_segmenter, args)   # pickles, for --jobs
     if args.image_list is not None:
         # Cohort: the whole list is checked and planned before any work, in every task alike.
         save_aligned = args.save_aligned and args.align == "affine"
@@ -124,8 +126,9 @@ def cmd_segment(args):
         images = read_image_list(args.image_list)
         whole = plan_cohort(images, args.out, extras)
         planned = args.shard.take(whole) if args.shard else whole
-        status = _segment_cohort(args, planned, save_aligned, scan_outputs)
-        if scan_outputs.wanted:   # every row of the whole list whose scan is done, any shard
+        status, stopped = _segment_cohort(args, make_segmenter, planned, save_aligned,
+                                          scan_outputs)
+        if scan_outputs.wanted and not stopped:   # every row of the whole list whose scan is done, any shard
             plans = [paths for _, paths in whole]
             scan_outputs.fill_missing(images, plans)
             scan_outputs.rebuild(images, plans)
@@ -133,7 +136,10 @@ def cmd_segment(args):
     extras = optional_outputs(args.save_warped_atlas, args.save_field, args.save_aligned,
                               args.save_brain_mask)
     plans = plan_output_paths(args.image, args.out, args.overwrite, extras)
-    segmenter = _make_segmenter(args)
+    from ltnet_keras.inference.parallel import resolve_jobs
+    if resolve_jobs(args.jobs, len(args.image)) > 1:
+        return _segment_batch(args, make_segmenter, plans, scan_outputs)
+    segmenter = make_segmenter()
     # Every scan is read and checked before the first output is written, so a bad file in a
     # batch leaves no partial results behind (each scan is read once more to segment it).
     for image in tqdm(args.image, desc="check", disable=len(args.image) < 2):
@@ -146,6 +152,21 @@ def cmd_segment(args):
         if scan_outputs.wanted:
             scan_outputs.write(image, paths, result)
         tqdm.write(describe_result(image, paths["labels"], result))
+    if scan_outputs.wanted:
+        scan_outputs.rebuild(args.image, plans)
+
+
+def _segment_batch(args, make_segmenter, plans, scan_outputs):
+    """``--image`` scans with ``--jobs``: worker processes, checked first as in one process."""
+    from ltnet_keras.inference.parallel import CohortStopped, segment_batch_in_workers
+    options = dict(save_warped_atlas=args.save_warped_atlas, save_field=args.save_field,
+                   save_aligned=args.save_aligned, save_brain_mask=args.save_brain_mask)
+    try:
+        segment_batch_in_workers(make_segmenter, list(zip(args.image, plans)), args.jobs,
+                                 options, scan_outputs, lambda line: print(line, flush=True))
+    except CohortStopped as error:
+        print(f"ltnet segment: error: {error}", file=sys.stderr, flush=True)
+        return error.exit_code
     if scan_outputs.wanted:
         scan_outputs.rebuild(args.image, plans)
 
@@ -197,18 +218,37 @@ def _make_segmenter(args):
                      **options)
 
 
-def _segment_cohort(args, planned, save_aligned, scan_outputs) -> int:
+def _segment_cohort(args, make_segmenter, planned, save_aligned, scan_outputs):
     """Each scan on its own: a failed one is reported and the rest go on; exit status 1 at
-    the end if any failed (``EXIT_SOME_FAILED``)."""
-    from ltnet_keras.inference.cohort import segment_cohort
-    summary = segment_cohort(lambda: _make_segmenter(args), planned, args.shard,
-                             args.overwrite, args.save_warped_atlas, args.save_field,
-                             save_aligned, args.save_brain_mask, scan_outputs,
-                             report=lambda line: print(line, flush=True),
-                             report_error=lambda line: print(f"ltnet segment: {line}",
-                                                             file=sys.stderr, flush=True))
+    the end if any failed (``EXIT_SOME_FAILED``). Returns (status, stopped: Ctrl-C or a
+    worker died)."""
+    from ltnet_keras.inference.cohort import CohortSummary, segment_cohort
+    from ltnet_keras.inference.parallel import CohortStopped
+    error = None
+    summary = CohortSummary(args.shard)
+    try:
+        summary = segment_cohort(make_segmenter, planned, args.shard,
+                                 args.overwrite, args.save_warped_atlas, args.save_field,
+                                 save_aligned, args.save_brain_mask, scan_outputs,
+                                 report=lambda line: print(line, flush=True),
+                                 report_error=lambda line: print(f"ltnet segment: {line}",
+                                                                 file=sys.stderr, flush=True),
+                                 jobs=args.jobs, summary=summary)
+    except CohortStopped as stopped:
+        error = stopped
     print(summary.line(), flush=True)
-    return summary.exit_code
+    if error is not None:
+        print(f"ltnet segment: error: {error}", file=sys.stderr, flush=True)
+        return error.exit_code, True
+    return summary.exit_code, False
+
+
+def _jobs_option(text):
+    from ltnet_keras.inference.parallel import parse_jobs
+    try:
+        return parse_jobs(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _shard_option(text):
@@ -338,6 +378,12 @@ def build_parser() -> argparse.ArgumentParser:
                    "from the I-th (0 <= I < N), e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_"
                    "COUNT; N tasks together segment the list once, with the names one "
                    "unsharded run gives")
+    p.add_argument("--jobs", type=_jobs_option, default=1, metavar="N",
+                   help="segment N scans at once, in N worker processes with one thread "
+                   "each (TensorFlow, ITK), each loading the run once; 'auto': one per usable "
+                   "core. Never more than the scans to do; same files as one process "
+                   "(default 1: one process using every core). With --shard the task's "
+                   "share is split among its N workers")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--label-interp", choices=SEGMENT_INTERPOLATIONS)
     p.add_argument("--atlas-image", type=Path, help="override the atlas image path of the run")

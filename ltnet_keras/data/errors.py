@@ -8,3 +8,6 @@ class VolumeError(ValueError):
         self.source = str(source)
         self.problem = problem
         super().__init__(f"{source}: {problem}" if source else problem)
+
+    def __reduce__(self):   # pickles (``ltnet segment --jobs`` hands errors between processes)
+        return type(self), (self.source, self.problem)

@@ -11,18 +11,16 @@ scans are skipped (unless ``overwrite``), so a re-submitted array resumes. A sca
 (an unreadable file, a scan too small for the atlas, a failed registration) is reported and
 the cohort goes on; the caller turns failures into a non-zero exit status at the end.
 """
-import os
 import re
-import secrets
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ltnet_keras.data.errors import VolumeError
-from ltnet_keras.data.io import output_suffix
 from ltnet_keras.inference.outputs import plan_output_paths
-from ltnet_keras.inference.segment import write_segmentation
+from ltnet_keras.inference.scan_job import (describe_result, failure_reason,  # noqa: F401
+                                            segment_and_write)
 
 #: Exit status of ``ltnet segment`` when some scans of a cohort failed (2: refused up front).
 EXIT_SOME_FAILED = 1
@@ -143,36 +141,6 @@ def _existing_outputs(paths: Dict[str, Path], extras: Sequence[str]) -> Tuple[bo
                                       if key != "brain_mask" and not paths[key].exists()]
 
 
-def _write_labels_last(segmenter, result, paths: Dict[str, Path], image, options: dict,
-                       scan_outputs=None) -> None:
-    """Write the optional outputs (and the scan's record and picture), then the label map
-    under a hidden temporary name renamed into place: a label map on the disk means every
-    output of the scan is complete."""
-    final = paths["labels"]
-    ext = output_suffix(image)
-    temporary = final.with_name(f".{final.name[:-len(ext)]}.partial-{secrets.token_hex(4)}{ext}")
-    try:
-        write_segmentation(result, dict(paths, labels=temporary), segmenter.atlas_image,
-                           segmenter.atlas_volume.affine, **options)
-        if scan_outputs is not None and scan_outputs.wanted:
-            scan_outputs.write(image, paths, result)
-        os.replace(temporary, final)
-    finally:
-        temporary.unlink(missing_ok=True)
-
-
-def describe_result(image, labels_path, result) -> str:
-    """The line printed per segmented scan: where it went and each stage's seconds."""
-    timing = ", ".join(f"{k} {v:.2f}s" for k, v in result.seconds.items())
-    total = sum(result.seconds.values())
-    refined = result.refinement
-    folding = ("" if refined is None else
-               f"; refined field folds {100 * refined.folding_fraction:.3f}%")
-    if refined is not None and refined.inverse_consistency_mm is not None:
-        folding += f", forward-backward round trip {refined.inverse_consistency_mm:.2f} mm"
-    return f"{image} -> {labels_path} ({timing}; total {total:.2f}s{folding})"
-
-
 def segment_cohort(make_segmenter: Callable[[], object],
                    planned: Sequence[Tuple[Path, Dict[str, Path]]],
                    shard: Optional[Shard] = None, overwrite: bool = False,
@@ -180,7 +148,8 @@ def segment_cohort(make_segmenter: Callable[[], object],
                    save_aligned: bool = False, save_brain_mask: bool = False,
                    scan_outputs=None,
                    report: Callable[[str], None] = print,
-                   report_error: Optional[Callable[[str], None]] = None) -> CohortSummary:
+                   report_error: Optional[Callable[[str], None]] = None,
+                   jobs=1, summary: Optional[CohortSummary] = None) -> CohortSummary:
     """Segment ``planned`` scans (:func:`plan_cohort`) one after another with the segmenter
     ``make_segmenter()`` returns (a :class:`~ltnet_keras.inference.segment.Segmenter` or a
     multi-atlas one), built only if some scan needs it: a finished task re-submitted loads no
@@ -193,12 +162,19 @@ def segment_cohort(make_segmenter: Callable[[], object],
     earlier run without ``--save-field``, say) fails with a message, and nothing of it is
     replaced. Any error while segmenting or writing a scan is reported through
     ``report_error`` (default: standard error) and counted; the next scan goes on. Errors
-    building the segmenter (a bad run directory) are raised: they concern every scan."""
+    building the segmenter (a bad run directory) are raised: they concern every scan.
+
+    ``jobs`` (a number or ``"auto"``) > 1: the scans to do are shared among that many worker
+    processes (at most one per scan), each with one thread and its own segmenter
+    (:func:`ltnet_keras.inference.parallel.segment_in_workers`; ``make_segmenter`` must then
+    pickle); the files written are the same. Ctrl-C or a worker dying raises
+    :class:`~ltnet_keras.inference.parallel.CohortStopped`, ``summary`` (filled in place when
+    given) holding what was done."""
     report_error = report_error or (lambda text: print(text, file=sys.stderr, flush=True))
     options = dict(save_warped_atlas=save_warped_atlas, save_field=save_field,
                    save_aligned=save_aligned, save_brain_mask=save_brain_mask)
     extras = optional_outputs(**options)
-    summary = CohortSummary(shard)
+    summary = summary if summary is not None else CohortSummary(shard)
 
     def fail(image, reason):
         summary.failed.append((image, reason))
@@ -214,15 +190,20 @@ def segment_cohort(make_segmenter: Callable[[], object],
                         "this option?); --overwrite redoes the scan")
         else:
             summary.skipped.append(image)
+    if jobs != 1 and len(todo) > 1:
+        from ltnet_keras.inference.parallel import resolve_jobs, segment_in_workers
+        workers = resolve_jobs(jobs, len(todo))
+        if workers > 1:
+            segment_in_workers(make_segmenter, todo, workers, options, scan_outputs, summary,
+                               report, fail)
+            return summary
     segmenter = make_segmenter() if todo else None
     for image, paths in todo:
         try:
-            result = segmenter.segment(image)
-            _write_labels_last(segmenter, result, paths, image, options, scan_outputs)
+            line = segment_and_write(segmenter, image, paths, options, scan_outputs)
         except Exception as error:  # one bad scan must not stop a cohort of hundreds
-            fail(image, str(error) if isinstance(error, VolumeError)
-                 else f"{type(error).__name__}: {error}")
+            fail(image, failure_reason(error))
             continue
         summary.segmented.append(image)
-        report(describe_result(image, paths["labels"], result))
+        report(line)
     return summary

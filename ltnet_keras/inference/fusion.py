@@ -27,23 +27,54 @@ def _check_maps(label_maps, what="label maps") -> list:
     return maps
 
 
+#: Voxels per block of :func:`majority_vote` (its temporaries stay a few MB).
+VOTE_BLOCK = 1 << 20
+
+
 def majority_vote(label_maps: Sequence[np.ndarray]) -> np.ndarray:
     """Per-voxel majority vote of label maps of one shape.
 
     Each voxel takes the label carried by the most maps; a tie goes to the label of the
     earliest map among the tied ones, so the order of ``label_maps`` is the tie-break priority
-    (put the most trusted atlas first). One map is returned unchanged.
+    (put the most trusted atlas first). One map is returned unchanged. The result has the
+    maps' common dtype (``np.result_type``).
+
+    Only voxels where the maps disagree are voted on (most of a brain-sized grid is background
+    or unanimous): block by block, the disagreeing voxels are gathered and each map's label
+    there is counted against the later maps' (k(k-1)/2 comparisons over those voxels only).
     """
     maps = _check_maps(label_maps)
     if len(maps) == 1:
         return maps[0].copy()
-    stack = np.stack(maps)
-    counts = np.zeros(stack.shape, dtype=np.int16)
-    for i in range(len(maps)):
-        for j in range(len(maps)):
-            counts[i] += stack[i] == stack[j]
-    best = np.argmax(counts, axis=0)          # first maximum: the earliest map wins ties
-    return np.take_along_axis(stack, best[None], axis=0)[0]
+    # One flat voxel order for all: the first map's memory order (views, no copies, when the
+    # maps share it, as the outputs of one segmenter do).
+    order = "F" if maps[0].flags.f_contiguous and not maps[0].flags.c_contiguous else "C"
+    flat = [m.ravel(order=order) for m in maps]
+    result = np.array(maps[0], dtype=np.result_type(*maps), order=order)   # a copy
+    fused = result.ravel(order=order)   # a view of it
+    differs = np.empty(min(VOTE_BLOCK, fused.size), dtype=bool)
+    scratch = np.empty_like(differs)
+    for start in range(0, fused.size, VOTE_BLOCK):
+        block = slice(start, min(start + VOTE_BLOCK, fused.size))
+        size = block.stop - block.start
+        np.not_equal(flat[1][block], flat[0][block], out=differs[:size])
+        for labels in flat[2:]:
+            np.not_equal(labels[block], flat[0][block], out=scratch[:size])
+            differs[:size] |= scratch[:size]
+        where = np.flatnonzero(differs[:size])
+        if where.size == 0:
+            continue
+        votes = np.stack([labels[block][where] for labels in flat]).astype(result.dtype,
+                                                                            copy=False)
+        counts = np.ones(votes.shape, dtype=np.int16)   # every map agrees with itself
+        for i in range(len(maps)):
+            for j in range(i + 1, len(maps)):
+                same = votes[i] == votes[j]
+                counts[i] += same
+                counts[j] += same
+        best = np.argmax(counts, axis=0)          # first maximum: the earliest map wins ties
+        fused[start + where] = votes[best, np.arange(where.size)]
+    return result
 
 
 @dataclass

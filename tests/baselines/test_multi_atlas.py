@@ -50,6 +50,56 @@ def test_majority_vote_by_hand_with_its_tie_rule():
         majority_vote([np.zeros((2, 2)), np.zeros((2, 3))])
 
 
+def _reference_vote(maps):
+    """Voxel by voxel: the label most maps carry; among tied labels, the earliest map's."""
+    flat = [np.asarray(m).reshape(-1) for m in maps]
+    out = []
+    for voxel in range(flat[0].size):
+        votes = [int(m[voxel]) for m in flat]
+        most = max(votes.count(v) for v in votes)
+        out.append(next(v for v in votes if votes.count(v) == most))
+    return np.array(out).reshape(np.shape(maps[0]))
+
+
+@pytest.mark.parametrize("n_maps", [1, 2, 3, 4, 5, 7])
+def test_majority_vote_equals_a_voxel_by_voxel_reference_with_many_ties(n_maps, monkeypatch):
+    rng = np.random.default_rng(n_maps)
+    ids = np.array([0, 2, 17, 41, 1035, 2035])   # FreeSurfer-like, not contiguous
+    shape = (9, 10, 11)
+    # A unanimous background block, a unanimous label block, and a disagreeing rest drawn
+    # from 2-3 labels per voxel so that ties are common.
+    base = ids[rng.integers(0, len(ids), shape)]
+    maps = []
+    for k in range(n_maps):
+        m = np.where(rng.random(shape) < 0.5, base, ids[rng.integers(0, 3, shape)])
+        m[:3] = 0
+        m[3:5] = 17
+        maps.append(m.astype(np.int32))
+    expected = _reference_vote(maps)
+    fused = majority_vote(maps)
+    np.testing.assert_array_equal(fused, expected)
+    assert fused.dtype == np.int32 and fused.shape == shape
+    if n_maps >= 2:   # the case must have had ties where the first map loses and wins
+        flat = np.stack([m.reshape(-1) for m in maps])
+        disagree = (flat != flat[0]).any(axis=0)
+        assert disagree.sum() > 100 and (fused.reshape(-1)[disagree] != flat[0][disagree]).any() \
+            == (n_maps >= 3)
+    # Any memory layout and mixed integer dtypes give the same labels (the common dtype).
+    mixed = [np.asfortranarray(m) if k % 2 else m.astype(np.uint16)
+             for k, m in enumerate(maps)]
+    again = majority_vote(mixed)
+    np.testing.assert_array_equal(again, expected)
+    assert again.dtype == np.result_type(*mixed)
+    assert not any(np.shares_memory(again, m) for m in mixed)
+    fortran = [np.asfortranarray(m) for m in maps]
+    np.testing.assert_array_equal(majority_vote(fortran), expected)
+    # Voted block by block (blocks of a size that does not divide the grid): the same.
+    from ltnet_keras.inference import fusion
+    monkeypatch.setattr(fusion, "VOTE_BLOCK", 97)
+    np.testing.assert_array_equal(majority_vote(maps), expected)
+    np.testing.assert_array_equal(majority_vote(fortran), expected)
+
+
 # ----------------------------------------------------------------------------- joint label fusion
 
 @pytest.fixture(scope="module")

@@ -264,3 +264,109 @@ def test_shards_volumes_qc_and_report_hold_every_scan_once_in_list_order(cohort,
     before = (tmp_path / "volumes.csv").read_text()
     code, printed, err = run_cli(capsys, *segment_args(cohort, out, "--shard", "0/2", *options))
     assert code == 0 and (tmp_path / "volumes.csv").read_text() == before
+
+
+# ------------------------------------------------------------------------------ --jobs
+
+def without_seconds(files: dict) -> dict:
+    """The files, each record without its timings (the one thing two runs never share)."""
+    import json
+    return {name: (json.dumps({k: v for k, v in json.loads(data).items() if k != "seconds"})
+                   if name.startswith("records/") else data) for name, data in files.items()}
+
+
+@pytest.mark.slow
+def test_two_jobs_write_the_files_of_one_process_bit_for_bit_and_a_bad_scan_fails_alone(
+        cohort, tmp_path, capsys):
+    run, listed = cohort
+    images = (listed.parent / "../data/images").resolve()
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_text("not an image")
+    scans = write_list(tmp_path / "cohort.txt", [str(images / "SYN02.nii.gz"), str(bad),
+                                                 str(images / "SYN04.nii.gz"),
+                                                 str(images / "SYN05.nii.gz")])
+    outputs = {}
+    for jobs in ("1", "2"):
+        out = tmp_path / f"jobs{jobs}"
+        code, printed, err = run_cli(capsys, *segment_args(
+            (run, scans), out, "--jobs", jobs, "--volumes", out / "volumes.csv",
+            "--report", out / "report"))
+        assert code == 1, err
+        lines = printed.splitlines()
+        assert "4 scans: 3 segmented, 0 skipped (output exists; --overwrite to redo), " \
+               "1 failed" in lines, printed
+        assert sorted(Path(line.split(" -> ")[1].split(" (")[0]).name for line in lines
+                      if " -> " in line) == ["SYN02.nii.gz", "SYN04.nii.gz", "SYN05.nii.gz"]
+        assert err.count("ltnet segment: failed: ") == 1 and f"failed: {bad}: " in err
+        assert not [p for p in out.rglob(".*")]   # no temporary file left behind
+        outputs[jobs] = files_of(out)
+    assert "SYN05.nii.gz" in outputs["2"] and "records/SYN05.json" in outputs["2"]
+    assert "volumes.csv" in outputs["2"] and "report/index.html" in outputs["2"]
+    assert not any("bad" in name for name in outputs["2"])
+    assert without_seconds(outputs["2"]) == without_seconds(outputs["1"])
+
+    # Rerun: every good scan is done, so no worker starts; the bad one fails again.
+    code, printed, err = run_cli(capsys, *segment_args((run, scans), tmp_path / "jobs2",
+                                                       "--jobs", "auto"))
+    assert code == 1 and printed.splitlines()[-1] == (
+        "4 scans: 0 segmented, 3 skipped (output exists; --overwrite to redo), 1 failed")
+
+
+@pytest.mark.parametrize("value, problem", [
+    ("0", "at least 1 process"), ("-2", "at least 1 process"),
+    ("two", "expected a whole number of processes"), ("1.5", "expected a whole number")])
+def test_bad_jobs_is_a_usage_error(tmp_path, capsys, value, problem):
+    with pytest.raises(SystemExit) as error:
+        cli.main(["segment", "--run", str(tmp_path), "--image-list", str(tmp_path / "l.txt"),
+                  "--out", str(tmp_path / "out"), "--jobs", value])
+    assert error.value.code == 2
+    assert f"--jobs {value!r}: {problem}" in capsys.readouterr().err
+
+
+def test_auto_jobs_is_the_usable_cores_capped_by_the_scans(monkeypatch):
+    from ltnet_keras.inference import parallel
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {0, 3, 5})
+    assert parallel.parse_jobs(" AUTO ") == "auto" and parallel.parse_jobs("4") == 4
+    assert [parallel.resolve_jobs("auto", n) for n in (1, 2, 3, 9)] == [1, 2, 3, 3]
+    assert parallel.resolve_jobs(4, 2) == 2 and parallel.resolve_jobs(1, 9) == 1
+
+
+class DyingSegmenter:
+    """Builds, then kills its process on the first scan (as the kernel's OOM killer would)."""
+
+    def segment(self, image):
+        import os
+        os._exit(9)
+
+
+def make_dying_segmenter():
+    return DyingSegmenter()
+
+
+@pytest.mark.slow
+def test_a_dying_worker_stops_the_cohort_with_a_clear_message(tmp_path):
+    from ltnet_keras.inference.cohort import segment_cohort
+    from ltnet_keras.inference.parallel import CohortStopped
+    scans = []
+    for name in ("a", "b", "c"):
+        (tmp_path / f"{name}.nii.gz").write_bytes(b"")
+        scans.append((tmp_path / f"{name}.nii.gz",
+                      {"labels": tmp_path / "out" / f"{name}.nii.gz"}))
+    (tmp_path / "out").mkdir()
+    # What a worker killed while writing leaves: a temporary label map (of the first scan,
+    # the one handed out first).
+    (tmp_path / "out" / ".a.partial-dead.nii.gz").write_bytes(b"half")
+    with pytest.raises(CohortStopped) as error:
+        segment_cohort(make_dying_segmenter, scans, jobs=2)
+    message = str(error.value)
+    assert "worker process" in message and "ended with exit code 9 while segmenting" in message
+    assert "stopped after 0 of 3 scans were segmented" in message and "to resume" in message
+    assert error.value.exit_code == 1
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_volume_errors_cross_processes_as_they_are():
+    import pickle
+    error = pickle.loads(pickle.dumps(VolumeError("/a/b.nii.gz", "no such file")))
+    assert type(error) is VolumeError and str(error) == "/a/b.nii.gz: no such file"
+    assert (error.source, error.problem) == ("/a/b.nii.gz", "no such file")
