@@ -34,16 +34,21 @@ def scaled(settings: RefineSettings, scale: float) -> RefineSettings:
 def curve_settings(starts: Sequence[str], objectives: Sequence[str],
                    scales: Sequence[float] = DEFAULT_SCALES,
                    base: Optional[RefineSettings] = None) -> Dict[str, Optional[RefineSettings]]:
-    """Named settings of the curves: ``start/objective/xSCALE``; scale 0 is ``None`` (no
-    refinement: G_F's field for the network start, the identity for the zero start)."""
+    """Named settings of the curves: ``start/objective/xSCALE``; scale 0 is no refinement:
+    G_F's field for the network start (``None``), the identity for the zero start (0 steps)."""
     base = base or RefineSettings()
     named = {}
     for start in starts:
         for objective in objectives:
             for scale in scales:
                 name = f"{start}/{objective}/x{scale:g}"
-                named[name] = (None if scale == 0 else
-                               scaled(replace(base, start=start, objective=objective), scale))
+                settings = replace(base, start=start, objective=objective)
+                if scale == 0:
+                    settings = (None if start == "network"
+                                else replace(settings, levels=((base.levels[0][0], 0),)))
+                else:
+                    settings = scaled(settings, scale)
+                named[name] = settings
     return named
 
 
