@@ -87,7 +87,6 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3, help="for the one-scan figure")
     parser.add_argument("--out", type=Path, help="write as_seen.json and as_seen.md here")
     args = parser.parse_args(argv)
-    import ltnet_keras  # noqa: F401  (before TensorFlow)
     cores = len(os.sched_getaffinity(0))
     env = dict(os.environ, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(cores),
                TF_CPP_MIN_LOG_LEVEL="2")
