@@ -219,7 +219,7 @@ def crop_image(image, grid) -> np.ndarray:
 
 # -------------------------------------------------------------------------- one level
 def _compiled(fn):
-    return tf.function(fn, jit_compile=True, reduce_retracing=False)
+    return tf.function(fn, jit_compile=True, reduce_retracing=False, autograph=False)
 
 
 @_compiled

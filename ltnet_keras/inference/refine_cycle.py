@@ -194,7 +194,7 @@ def anatomy_difference(atlas_labels, warped_labels, warped_weights, cycle_labels
 
 # -------------------------------------------------------------------------- compiled pieces
 def _compiled(fn):
-    return tf.function(fn, jit_compile=True, reduce_retracing=False)
+    return tf.function(fn, jit_compile=True, reduce_retracing=False, autograph=False)
 
 
 @_compiled
@@ -390,7 +390,7 @@ def backward_predictor(weights_path, atlas_network_image: np.ndarray, network):
     generator.load_weights(str(weights_path))
     atlas = tf.constant(np.asarray(atlas_network_image, np.float32)[None, ..., None])
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, autograph=False)
     def predict(forward):
         warped = trilinear.warp(atlas, forward[None])
         return generator([warped, atlas], training=False)[0]

@@ -198,26 +198,26 @@ class Segmenter:
         generator, method = self.generator, self.label_interp
 
         # Each graph is traced once per grid shape; later scans reuse it.
-        @tf.function(jit_compile=jit_compile, reduce_retracing=True)
+        @tf.function(jit_compile=jit_compile, reduce_retracing=True, autograph=False)
         def predict_field(target):
             return generator([atlas_input, target], training=False)[0]
 
         # XLA fuses the up-sampling and the 8-corner label vote into a few loops over the grid.
         # ``factor``: the field's grid (the network's, or refinement's finer one) on the crop;
         # a Python int, so each factor gets its own trace.
-        @tf.function(jit_compile=True)
+        @tf.function(jit_compile=True, autograph=False)
         def transfer(field_network, original_shape, crop_start, offset, factor):
             forward_field = field_to_grid(field_network, original_shape, crop_start, factor)
             positions = sampling_grid(original_shape) + forward_field + offset
             return warp_labels_tf(atlas_labels_tensor, positions, method), forward_field
 
-        @tf.function(jit_compile=True)
+        @tf.function(jit_compile=True, autograph=False)
         def field_on_grid(field_network, original_shape, crop_start, factor):
             return field_to_grid(field_network, original_shape, crop_start, factor)
 
         # One chunk of scan voxels (flat indices into the box ``box_start + [0, box_shape)``):
         # scan voxel -> atlas-grid point (inverse affine) -> + forward field -> atlas labels.
-        @tf.function(jit_compile=True)
+        @tf.function(jit_compile=True, autograph=False)
         def transfer_through(field_network, scan_to_atlas, box_start, box_shape, first,
                              crop_start, offset, factor):
             flat = tf.minimum(first + tf.range(TRANSFER_CHUNK, dtype=tf.int32),

@@ -32,7 +32,7 @@ CORNERS = tuple(itertools.product((0, 1), repeat=3))
 
 
 def _compiled(fn):
-    return tf.function(fn, jit_compile=True)
+    return tf.function(fn, jit_compile=True, autograph=False)
 
 
 class CornerTable(NamedTuple):
