@@ -14,6 +14,7 @@ import json
 import tempfile
 import time
 import zlib
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -35,13 +36,15 @@ MOST_FEATURES = 3
 class CalibrationSettings:
     """What to calibrate on: ``subjects`` (validation ids of the run's data root),
     ``degradations`` (names of :data:`DEGRADATIONS`) at ``severities``, ``seed``;
-    ``align`` (default: the run's) and ``refine`` levels as ``ltnet segment --refine``."""
+    ``align`` (default: the run's) and ``refine`` levels and objective as ``ltnet segment
+    --refine`` (``ltnet``: the forward-backward round trip is a signal too)."""
     subjects: Sequence[str]
     degradations: Sequence[str] = tuple(DEGRADATIONS)
     severities: Sequence[int] = (1, 2)
     seed: int = 0
     align: Optional[str] = None
     refine_levels: Optional[Sequence[Sequence[int]]] = None
+    refine_objective: str = "plain"
     extra: Dict[str, object] = field(default_factory=dict)
 
     def cases(self):
@@ -91,8 +94,10 @@ def calibrate(run_dir, settings: CalibrationSettings, out_dir, log=print) -> QCM
     from ltnet_keras.inference.refine import RefineSettings
     from ltnet_keras.inference.segment import Segmenter
     out_dir = Path(out_dir)
-    refine = (RefineSettings(levels=tuple(tuple(level) for level in settings.refine_levels))
-              if settings.refine_levels else RefineSettings())
+    refine = RefineSettings(objective=settings.refine_objective)
+    if settings.refine_levels:
+        refine = dataclasses.replace(refine, levels=tuple(tuple(level)
+                                                          for level in settings.refine_levels))
     segmenter = Segmenter(run_dir, align=settings.align, refine=refine,
                           alignment_check="off", measure_qc=True)
     protocol = segmenter.protocol
@@ -241,5 +246,6 @@ def _write_summary(out_dir: Path, usable, rows, judged, model: QCModel, settings
         "run": shown_path(run_dir), "settings": {
             "subjects": list(settings.subjects), "degradations": list(settings.degradations),
             "severities": list(settings.severities), "seed": settings.seed,
-            "align": settings.align, "refine_levels": settings.refine_levels},
+            "align": settings.align, "refine_levels": settings.refine_levels,
+            "refine_objective": settings.refine_objective},
         "packages": package_versions(), "summary": s}, indent=2, default=str))
