@@ -20,17 +20,31 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("config", help="YAML file (see experiments/configs/refine_ltnet/)")
+    parser.add_argument("configs", nargs="+",
+                        help="YAML files (see experiments/configs/refine_ltnet/)")
     parser.add_argument("--threads", type=int, default=1, help="TensorFlow threads (default 1)")
     parser.add_argument("--report-only", action="store_true",
                         help="rebuild the summary and plot from cases.csv")
+    parser.add_argument("--figure", help="also plot the curves of every config in one figure")
     args = parser.parse_args(argv)
     import yaml
-    with open(args.config) as handle:
-        spec = yaml.safe_load(handle)
     from ltnet_keras.study import refine_curves as curves
     from ltnet_keras.study.refine_sweep import set_threads
     set_threads(args.threads)
+    specs = []
+    for path in args.configs:
+        with open(path) as handle:
+            specs.append((path, yaml.safe_load(handle)))
+    for path, spec in specs:
+        run_spec(curves, path, spec, args)
+    if args.figure:
+        summaries = [s for _, spec in specs if not spec.get("ablation")
+                     for s in curves.summarise(curves.read_cases(spec["out"]))]
+        curves.plot_curves(list({(s["dataset"], s["run"], s["setting"]): s
+                                 for s in summaries}.values()), args.figure)
+
+
+def run_spec(curves, path, spec, args):
     if not args.report_only:
         from ltnet_keras.inference.refine import RefineSettings
         base = RefineSettings(**spec.get("base", {}))
@@ -42,7 +56,7 @@ def main(argv=None):
                 named = curves.curve_settings(starts, spec["objectives"], spec["scales"], base)
             curves.run_cases(run, named, spec["out"], label,
                              alignment_cache=spec.get("alignment_cache"))
-    curves.write_report(spec, args.config, args.threads)
+    curves.write_report(spec, path, args.threads)
 
 
 if __name__ == "__main__":

@@ -180,29 +180,40 @@ def summary_markdown(summaries: List[dict], title: str, notes: Sequence[str] = (
 
 
 def plot_curves(summaries: List[dict], path) -> None:
-    """Dice against refinement seconds, one panel per dataset, a line per (G_F, start,
-    objective); scale-0 points sit at 0 s."""
+    """Dice against the budget (top: the default levels' steps times the scale) and against
+    the measured refinement seconds (bottom), one column per dataset, a line per (G_F,
+    start, objective); budget 0 is the start's own field."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     datasets = list(dict.fromkeys(s["dataset"] for s in summaries))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(6.5 * len(datasets), 4.8), squeeze=False)
-    for axis, dataset in zip(axes[0], datasets):
+    fig, axes = plt.subplots(2, len(datasets), figsize=(6.5 * len(datasets), 9), squeeze=False)
+    for column, dataset in enumerate(datasets):
         lines: Dict[str, List[dict]] = {}
         for s in summaries:
             if s["dataset"] == dataset and s["scale"]:
-                lines.setdefault(s["setting"].rsplit("/x", 1)[0] + f" ({s['run']})", []).append(s)
+                lines.setdefault(s["setting"].rsplit("/x", 1)[0] + f" (G_F: {s['run']})",
+                                 []).append(s)
         for label, points in lines.items():
             points.sort(key=lambda p: float(p["scale"]))
-            axis.plot([p["refine_s"] for p in points], [p["dice"] for p in points], "o-",
-                      label=label, markersize=4)
-        axis.set_title(f"{dataset}: validation subjects")
-        axis.set_xlabel("refinement seconds per case (1 core)")
-        axis.set_ylabel("Dice (%)")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize=7)
+            style = "o-" if "/plain" in label else "s--"
+            dice = [p["dice"] for p in points]
+            axes[0, column].plot([float(p["scale"]) for p in points], dice, style, label=label,
+                                 markersize=4)
+            axes[1, column].plot([p["refine_s"] for p in points], dice, style, label=label,
+                                 markersize=4)
+        axes[0, column].set_xscale("symlog", linthresh=0.1)
+        axes[0, column].set_xlabel("budget: the default steps (8 mm x 40, 4 mm x 30, 2 mm x 15) "
+                                   "times", fontsize=8)
+        axes[1, column].set_xlabel("measured refinement seconds per case (1 core, a shared "
+                                   "machine)", fontsize=8)
+        for row in (0, 1):
+            axes[row, column].set_title(f"{dataset}: validation subjects")
+            axes[row, column].set_ylabel("Dice (%)")
+            axes[row, column].grid(alpha=0.3)
+        axes[0, column].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
