@@ -287,20 +287,24 @@ class Segmenter:
         if result.brain is not None:
             result.seconds.update(result.brain.seconds)
         if self.measure_qc:
-            from ltnet_keras.inference.qc import qc_signals
-            from ltnet_keras.inference.refine import folding_fraction
-            clock = time.perf_counter()
-            folding = (result.refinement.folding_fraction if result.refinement is not None
-                       else folding_fraction(result.network_field))
-            result.signals.update(qc_signals(
-                self.atlas_image, self.atlas_labels, on_field_grid, result.sampling_positions,
-                self.protocol, 100.0 * folding,
-                None if result.alignment is None else result.alignment.similarity))
-            if result.refinement is not None and result.refinement.inverse_consistency_mm:
-                # LT-Net's objective: how far G_B's refined field is from inverting G_F's.
-                result.signals["inverse_consistency_mm"] = result.refinement.inverse_consistency_mm
-            result.seconds["qc"] = time.perf_counter() - clock
+            self.measure_signals(result, on_field_grid)
         return result
+
+    def measure_signals(self, result: Segmentation, on_field_grid: np.ndarray) -> None:
+        """Adds the quality signals of ``result`` (this atlas') and ``qc`` to its seconds."""
+        from ltnet_keras.inference.qc import qc_signals
+        from ltnet_keras.inference.refine import folding_fraction
+        clock = time.perf_counter()
+        folding = (result.refinement.folding_fraction if result.refinement is not None
+                   else folding_fraction(result.network_field))
+        result.signals.update(qc_signals(
+            self.atlas_image, self.atlas_labels, on_field_grid, result.sampling_positions,
+            self.protocol, 100.0 * folding,
+            None if result.alignment is None else result.alignment.similarity))
+        if result.refinement is not None and result.refinement.inverse_consistency_mm:
+            # LT-Net's objective: how far G_B's refined field is from inverting G_F's.
+            result.signals["inverse_consistency_mm"] = result.refinement.inverse_consistency_mm
+        result.seconds["qc"] = time.perf_counter() - clock
 
     def _segment_in_place(self, image_path) -> Tuple[Segmentation, np.ndarray]:
         """The scan is taken to be in the atlas' space already; the field is in its voxels.
