@@ -125,3 +125,58 @@ def ranking_similarity(atlas_crop: np.ndarray, target_crop: np.ndarray, field: n
     coords = np.stack([g + field[..., i] for i, g in enumerate(grid)])
     warped = map_coordinates(atlas, coords, order=1, mode="nearest")
     return _ncc(warped.astype(np.float64), target.astype(np.float64))
+
+
+def label_region(field, factor: int, crop_start, offset, labelled_box, atlas_shape,
+                 margin: float = 2.0) -> Tuple[np.ndarray, np.ndarray]:
+    """``(low, high)`` corners (atlas voxels) of the atlas-grid points that ``field`` can carry
+    within ``margin`` voxels of ``labelled_box`` (``(low, high)`` voxel corners): the only
+    points whose label look-up can give a label (``Segmenter._labels_through``'s ``region``,
+    tighter than its largest-displacement bound).
+
+    ``field`` ``(x, y, z, 3)`` lives on the crop at ``factor`` (block centres at ``crop_start +
+    factor * i + (factor - 1) / 2``), interpolated linearly between centres, clamped beyond
+    them and 0 outside the crop, as ``field_at_points`` reads it. Inside a cell of 8 centres a
+    point plus its field is the same convex combination of the centres' images (the weights
+    reproduce linear functions), so it lies in their box; in the clamped rim between the outer
+    centres and the crop's edge it is off by less than ``factor`` (the rim's cells are widened
+    by that). Outside the crop the field is 0: the labelled box, moved back by the offset.
+    """
+    field = np.asarray(field, np.float64) * factor
+    offset = np.asarray(offset, np.float64)
+    low, high = (np.asarray(b, np.float64) - d for b, d in zip(labelled_box, (margin, -margin)))
+    size = np.array(field.shape[:3])
+    region_low, region_high = low - offset, high - offset
+    if np.any(size < 2):   # no cells: the whole crop may carry labels
+        edge = np.asarray(crop_start, np.float64)
+        region_low = np.minimum(region_low, edge)
+        region_high = np.maximum(region_high, edge + factor * size)
+    else:
+        centres = [crop_start[a] + factor * np.arange(size[a]) + (factor - 1) / 2.0
+                   for a in range(3)]
+        cells = tuple(size - 1)
+        rim = np.zeros(cells, bool)   # cells on the lattice's boundary, next to the rim
+        for axis in range(3):
+            index = np.arange(cells[axis]).reshape([-1 if a == axis else 1 for a in range(3)])
+            rim |= (index == 0) | (index == cells[axis] - 1)
+        widen = np.where(rim, float(factor), 0.0)
+        hit = np.ones(cells, bool)
+        for axis in range(3):
+            along = centres[axis].reshape([-1 if a == axis else 1 for a in range(3)])
+            lo = hi = along + field[..., axis] + offset[axis]
+            for a in range(3):   # min / max over each cell's 8 corners
+                head = tuple(slice(0, -1) if b == a else slice(None) for b in range(3))
+                tail = tuple(slice(1, None) if b == a else slice(None) for b in range(3))
+                lo, hi = np.minimum(lo[head], lo[tail]), np.maximum(hi[head], hi[tail])
+            hit &= (hi + widen >= low[axis]) & (lo - widen <= high[axis])
+        if hit.any():
+            for a in range(3):
+                found = np.flatnonzero(hit.any(axis=tuple(b for b in range(3) if b != a)))
+                first, last = found[0], found[-1]
+                cell_low = crop_start[a] - 0.5 if first == 0 else centres[a][first]
+                cell_high = (crop_start[a] + factor * size[a] if last == cells[a] - 1
+                             else centres[a][last + 1])
+                region_low[a] = min(region_low[a], cell_low)
+                region_high[a] = max(region_high[a], cell_high)
+    top = np.asarray(atlas_shape, np.float64) - 0.5
+    return np.maximum(region_low, -0.5), np.minimum(region_high, top)

@@ -18,8 +18,9 @@ from ltnet_keras.data.dataset import PreparedSubject
 from ltnet_keras.data.errors import VolumeError
 from ltnet_keras.data.io import find_subjects, subject_id
 from ltnet_keras.data.preprocess import GridSpec, normalise_intensity
-from ltnet_keras.inference.atlas_space import (compose, nonzero_box, normalised_crop,
-                                               ranking_similarity, to_atlas_space_box)
+from ltnet_keras.inference.atlas_space import (compose, label_region, nonzero_box,
+                                               normalised_crop, ranking_similarity,
+                                               to_atlas_space_box)
 from ltnet_keras.inference.fusion import (FUSIONS, JointFusionSettings, fuse_atlases,
                                           majority_vote)
 from ltnet_keras.inference.outputs import output_paths
@@ -241,7 +242,10 @@ class MultiAtlasSegmenter:
         clock = time.perf_counter()
         offset = (np.array(segmenter.atlas.grid.crop_start)
                   - np.array(grid.crop_start)).astype(np.float32)
-        labels = segmenter._labels_through(alignment, field, grid.crop_start, offset, factor)
+        region = label_region(field, factor, grid.crop_start, offset, segmenter._labelled_box,
+                              segmenter.atlas_labels.shape)
+        labels = segmenter._labels_through(alignment, field, grid.crop_start, offset, factor,
+                                           region)
         _add(seconds, "labels_to_scan_grid", time.perf_counter() - clock)
         clock = time.perf_counter()
         atlas_crop = (segmenter._atlas_crop if segmenter._atlas_crop is not None

@@ -372,17 +372,17 @@ class Segmenter:
                             brain=brain), aligned.array
 
     def _labels_through(self, alignment: Alignment, field_network, crop_start,
-                        offset, factor) -> np.ndarray:
+                        offset, factor, region=None) -> np.ndarray:
         """Atlas labels on the scan's grid: every scan voxel that can see the atlas grid looks
         the labels up at inverse-affine + forward-field; the rest is background."""
         # Only atlas points that the field can carry onto a labelled voxel can get a label: the
         # atlas' labelled box widened by the largest displacement (and the offset between the
-        # crops). The scan voxels mapping outside it are background and need no lookup.
+        # crops), or a given ``region``. The scan voxels mapping outside it are background.
         reach = (np.abs(np.asarray(field_network)).max(axis=(0, 1, 2)) * factor
                  + np.abs(offset) + 2.0)
         low, high = self._labelled_box
         grid_low, grid_high = np.full(3, -0.5), np.asarray(self.atlas_labels.shape) - 0.5
-        region = (np.maximum(low - reach, grid_low), np.minimum(high + reach, grid_high))
+        region = region or (np.maximum(low - reach, grid_low), np.minimum(high + reach, grid_high))
         start, stop = alignment.scan_box(region)
         labels = np.zeros(alignment.scan_shape, dtype=self.atlas_labels.dtype)
         box_shape = stop - start

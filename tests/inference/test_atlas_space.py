@@ -168,3 +168,31 @@ def test_fast_path_with_one_atlas_gives_the_single_atlas_labels(lpba40_root):
                                                         for i in both.last_order]))
     np.testing.assert_array_equal(both.last_maps[0], single.labels)
     assert sorted(both.last_order) == [0, 1]
+
+
+@pytest.mark.parametrize("offset", [(0.0, 0.0, 0.0), (3.0, -2.0, 1.0)])
+def test_label_region_holds_every_point_the_field_carries_onto_the_labels(offset):
+    """Brute force on a small grid: every atlas voxel whose sampling position (the field read
+    as the label transfer reads it, ``field_to_grid``) falls near the labelled box lies in
+    :func:`label_region`, which is tighter than the largest-displacement bound."""
+    from ltnet_keras.inference.atlas_space import label_region
+    from ltnet_keras.inference.transfer import field_to_grid
+    rng = np.random.default_rng(4)
+    shape, crop_start, factor = (48, 44, 40), (6, 4, 2), 2
+    field = gaussian_filter(rng.normal(size=(16, 16, 16, 3)), (2, 2, 2, 0)).astype(np.float32)
+    field *= 1.5 / np.abs(field).max()          # up to 3 voxels at 1 mm
+    field[0, :, :, 0] = -6.0                     # a rim pulling from 12 voxels away
+    labelled = (np.array([18.0, 16.0, 14.0]), np.array([28.0, 27.0, 25.0]))
+    offset = np.array(offset, np.float32)
+    low, high = label_region(field, factor, crop_start, offset, labelled, shape)
+    full = field_to_grid(field, shape, np.array(crop_start, np.int32), factor).numpy()
+    voxels = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1)
+    positions = voxels + full + offset
+    near = np.all((positions >= labelled[0] - 2.0) & (positions <= labelled[1] + 2.0), -1)
+    assert near.sum() > 500
+    inside = np.all((voxels >= low) & (voxels <= high), -1)
+    assert not np.any(near & ~inside)
+    # The rim far from the labels widens the largest-displacement bound, not the region.
+    reach = np.abs(field).max(axis=(0, 1, 2)) * factor + np.abs(offset) + 2.0
+    bound = (np.maximum(labelled[0] - reach, -0.5), np.minimum(labelled[1] + reach, 47.5))
+    assert high[0] - low[0] < 0.75 * (bound[1][0] - bound[0][0])
