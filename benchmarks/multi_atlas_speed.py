@@ -9,7 +9,9 @@ FreeSurfer subject but itself (leave the scan out: 4 atlases), majority vote, re
 (``ltnet segment --atlases ... --refine``). Paths (``--paths``): ``old`` (each atlas registered
 to the scan, the scan resampled onto each whole atlas grid, atlases ranked by warping each at
 1 mm), ``new`` (the fast path: one registration, composed), ``direct`` (the fast path with each
-atlas registered to the scan: what composing the alignments costs in Dice). One segmenter per
+atlas registered to the scan: what composing the alignments costs in Dice), ``coarse`` (the fast
+path, the atlases after the first refined without the 2 mm level: an experiment, not kept,
+``--coarse-levels``). One segmenter per
 atlas serves every path and scan; a warm-up case (``--warmup``, the first subject, new path,
 untimed) traces and compiles the programs every path shares, so no timed case pays for it. The
 fast path's atlas-to-atlas registrations are made once (``setup`` seconds, printed apart).
@@ -50,7 +52,10 @@ def main(argv=None):
                         default=REPO.parent / "shared" / "data" / "freesurfer")
     parser.add_argument("--subjects", nargs="+", default=["sub-01", "sub-02"])
     parser.add_argument("--paths", nargs="+", default=["old", "new"],
-                        choices=["old", "new", "direct"])
+                        choices=["old", "new", "direct", "coarse"])
+    parser.add_argument("--coarse-levels", default="8:40,4:30",
+                        help="path 'coarse': the new path with the atlases after the first "
+                             "refined on these levels only (FACTOR:STEPS,...)")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false")
     parser.add_argument("--no-refine", dest="refine", action="store_false")
     parser.add_argument("--json", type=Path, help="write every measurement here as well")
@@ -76,13 +81,25 @@ def main(argv=None):
         pool[atlas] = Segmenter(args.run, atlas_image=image, atlas_labels=labels,
                                 refine=RefineSettings() if args.refine else None,
                                 brain_finder=finder)
+    coarse = {}
+    if "coarse" in args.paths:
+        levels = tuple(tuple(int(v) for v in level.split(":"))
+                       for level in args.coarse_levels.split(","))
+        for atlas in needed:
+            if atlas != first:
+                (image, labels), = atlas_files([atlas], args.data)
+                coarse[atlas] = Segmenter(args.run, atlas_image=image, atlas_labels=labels,
+                                          refine=RefineSettings(levels=levels),
+                                          brain_finder=finder)
     print(f"segmenters for {needed}: {time.perf_counter() - clock:.1f} s", flush=True)
 
     def segmenter(subject, path):
         clock = time.perf_counter()
+        chosen = [pool[a] if path != "coarse" or a == first else coarse[a]
+                  for a in atlases_for(subject, first)]
         made = MultiAtlasSegmenter.from_segmenters(
-            [pool[a] for a in atlases_for(subject, first)], "majority",
-            fast=path != "old", compose_alignments=path == "new")
+            chosen, "majority", fast=path != "old",
+            compose_alignments=path in ("new", "coarse"))
         return made, time.perf_counter() - clock
 
     if args.warmup:
@@ -103,7 +120,8 @@ def main(argv=None):
         for path in args.paths:
             made, setup = segmenter(subject, path)
             made.keep_maps = True
-            for one in pool.values():   # the checker keeps each scan's alignment: forget it
+            for one in [*pool.values(), *coarse.values()]:   # the checker keeps each scan's
+                # alignment: forget it
                 one.checker._checked.clear()
             clock = time.perf_counter()
             result = made.segment(args.data / subject / "brainmask.mgz")
