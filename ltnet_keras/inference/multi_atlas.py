@@ -12,15 +12,22 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ltnet_keras.data.align import Alignment, AlignmentCache, register_affine
 from ltnet_keras.data.atlas import _ncc
+from ltnet_keras.data.dataset import PreparedSubject
 from ltnet_keras.data.errors import VolumeError
-from ltnet_keras.data.io import find_subjects
-from ltnet_keras.data.preprocess import normalise_intensity
+from ltnet_keras.data.io import find_subjects, subject_id
+from ltnet_keras.data.preprocess import GridSpec, normalise_intensity
+from ltnet_keras.inference.atlas_space import (compose, label_region, nonzero_box,
+                                               normalised_crop, ranking_similarity,
+                                               to_atlas_space_box)
 from ltnet_keras.inference.fusion import (FUSIONS, JointFusionSettings, fuse_atlases,
                                           majority_vote)
 from ltnet_keras.inference.outputs import output_paths
 from ltnet_keras.inference.qc import atlas_disagreement
-from ltnet_keras.inference.segment import Segmentation, Segmenter, warp_image, write_segmentation
+from ltnet_keras.inference.refine import crop_image, refine_field
+from ltnet_keras.inference.segment import (Segmentation, Segmenter, check_field_of_view,
+                                           warp_image, write_segmentation)
 
 
 def atlas_files(items: Sequence[str], data_root) -> List[Tuple[str, str]]:
@@ -56,26 +63,69 @@ class MultiAtlasSegmenter:
     """
 
     def __init__(self, run_dir, atlases: Sequence[Tuple[str, str]], fusion: str = "majority",
-                 jlf: Optional[JointFusionSettings] = None, **segmenter_options):
+                 jlf: Optional[JointFusionSettings] = None, fast: bool = True,
+                 compose_alignments: bool = True, **segmenter_options):
         if fusion not in FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; valid: {', '.join(FUSIONS)}")
         if not atlases:
             raise ValueError("at least one atlas is needed")
         # QC signals are the first atlas' (plus the atlases' disagreement): one measurement.
         measure_qc = segmenter_options.pop("measure_qc", False)
-        self.segmenters = []
+        segmenters = []
         for k, (image, labels) in enumerate(atlases):
-            self.segmenters.append(Segmenter(run_dir, atlas_image=image, atlas_labels=labels,
-                                             measure_qc=measure_qc and k == 0,
-                                             **segmenter_options))
+            segmenters.append(Segmenter(run_dir, atlas_image=image, atlas_labels=labels,
+                                        measure_qc=measure_qc and k == 0, **segmenter_options))
             # One reader for all: a whole-head scan's brain is extracted once, not per atlas.
-            segmenter_options["brain_finder"] = self.segmenters[0].brain_finder
+            segmenter_options["brain_finder"] = segmenters[0].brain_finder
+        self._setup(segmenters, fusion, jlf, fast, compose_alignments)
+
+    @classmethod
+    def from_segmenters(cls, segmenters: Sequence[Segmenter], fusion: str = "majority",
+                        jlf: Optional[JointFusionSettings] = None, fast: bool = True,
+                        compose_alignments: bool = True) -> "MultiAtlasSegmenter":
+        """Fuse segmenters already made (of one run, sharing one ``brain_finder``), e.g. one
+        per atlas kept across scans whose atlas lists differ."""
+        if fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {fusion!r}; valid: {', '.join(FUSIONS)}")
+        if not segmenters:
+            raise ValueError("at least one atlas is needed")
+        self = cls.__new__(cls)
+        self._setup(list(segmenters), fusion, jlf, fast, compose_alignments)
+        return self
+
+    def _setup(self, segmenters, fusion, jlf, fast, compose_alignments):
+        self.segmenters = segmenters
         if fusion == "jlf" and self.segmenters[0].align != "none":
             raise ValueError("joint label fusion needs scans in the atlas' space (--align "
                              "none); with --align affine use --fusion majority")
         self.fusion, self.jlf = fusion, jlf or JointFusionSettings()
         first = self.segmenters[0]
         self.atlas_image, self.atlas_volume = first.atlas_image, first.atlas_volume
+        # The fast path (issue 28): one registration per scan, to the first atlas, composed
+        # with the atlases' registrations to it (made here, once); see ``atlas_space``.
+        # ``compose_alignments=False``: each atlas registered to the scan (for comparisons).
+        self.fast = bool(fast) and first.align == "affine" and fusion == "majority"
+        self.compose_alignments = compose_alignments
+        #: The atlases' indices in the order of the last scan's vote (most similar first).
+        self.last_order: List[int] = []
+        #: With ``keep_maps`` (for comparisons): the last scan's label map per atlas.
+        self.keep_maps, self.last_maps = False, []
+        self._first_to_atlas: List[Optional[Alignment]] = [None] * len(self.segmenters)
+        if self.fast and compose_alignments:
+            for k, segmenter in enumerate(self.segmenters[1:], 1):
+                self._first_to_atlas[k] = self._atlas_alignment(segmenter)
+
+    def _atlas_alignment(self, segmenter: Segmenter) -> Alignment:
+        """The first atlas registered to ``segmenter``'s atlas (kept in the alignment cache's
+        ``atlases/<atlas id>/`` when the segmenters have a cache)."""
+        first = self.segmenters[0]
+        cache = first.alignment_cache
+        if cache is None:
+            return register_affine(first.atlas_volume, segmenter.atlas_volume,
+                                   first.registration)
+        folder = cache.folder / "atlases" / subject_id(segmenter.atlas_volume.path)
+        return AlignmentCache(folder, cache.settings).alignment(first.atlas_volume,
+                                                                segmenter.atlas_volume)
 
     def prepare(self, image_path):
         return self.segmenters[0].prepare(image_path)
@@ -83,6 +133,8 @@ class MultiAtlasSegmenter:
     def segment(self, image_path) -> Segmentation:
         """Every atlas' label map of the scan, fused; seconds are summed over the atlases,
         plus ``fusion``. The other outputs (field, warped atlas) are the first atlas'."""
+        if self.fast:
+            return self._segment_fast(image_path)
         results = [segmenter.segment(image_path) for segmenter in self.segmenters]
         clock = time.perf_counter()
         maps = [result.labels for result in results]
@@ -97,6 +149,8 @@ class MultiAtlasSegmenter:
             similarity = [_ncc(np.asarray(w, np.float64), np.asarray(r.aligned_image, np.float64))
                           for w, r in zip(warped, results)]
             order = sorted(range(len(maps)), key=lambda i: -np.nan_to_num(similarity[i], nan=-2))
+            self.last_order = order
+            self.last_maps = maps if self.keep_maps else []
             fused = majority_vote([maps[i] for i in order])
         seconds: Dict[str, float] = {}
         for result in results:
@@ -109,6 +163,104 @@ class MultiAtlasSegmenter:
         return dataclasses.replace(results[0], labels=fused.astype(results[0].labels.dtype),
                                    seconds=seconds, signals=signals)
 
+    def _segment_fast(self, image_path) -> Segmentation:
+        """:meth:`segment` with one registration (to the first atlas) per scan, the scan
+        resampled into each atlas' space only where it is non-zero and read once, and the
+        atlases ranked on the field's grid (:mod:`ltnet_keras.inference.atlas_space`)."""
+        seconds: Dict[str, float] = {}
+        first = self.segmenters[0]
+        clock = time.perf_counter()
+        scan, brain = first.brain_finder.read(image_path)
+        for segmenter in self.segmenters:
+            check_field_of_view(scan, segmenter.atlas_volume)
+        scan_box = nonzero_box(scan.array)
+        seconds["read"] = time.perf_counter() - clock
+        alignment = first.alignment(scan)
+        seconds.update(alignment.seconds)
+        maps, similarity, result = [], [], None
+        for k, segmenter in enumerate(self.segmenters):
+            clock = time.perf_counter()
+            if k == 0:
+                aligned = alignment
+            elif self.compose_alignments:
+                aligned = compose(alignment, self._first_to_atlas[k])
+                _add(seconds, "atlas_alignment", time.perf_counter() - clock)
+            else:
+                aligned = segmenter.alignment(scan)
+                for stage, value in aligned.seconds.items():
+                    _add(seconds, stage, value)
+            labels, score, one = self._segment_one(segmenter, scan, aligned, scan_box,
+                                                   image_path, seconds, with_result=k == 0)
+            maps.append(labels)
+            similarity.append(score)
+            result = result or one
+        clock = time.perf_counter()
+        order = sorted(range(len(maps)), key=lambda i: -np.nan_to_num(similarity[i], nan=-2))
+        self.last_order = order
+        if self.keep_maps:
+            self.last_maps = maps
+        fused = majority_vote([maps[i] for i in order])
+        seconds["fusion"] = time.perf_counter() - clock
+        result.seconds = seconds
+        result.brain = brain
+        if brain is not None:
+            result.seconds.update(brain.seconds)
+        if first.measure_qc:
+            first.measure_signals(result, result.aligned_image)
+            result.signals["atlas_disagreement"] = atlas_disagreement(maps)
+        result.labels = fused.astype(maps[0].dtype)
+        return result
+
+    @staticmethod
+    def _segment_one(segmenter: Segmenter, scan, alignment: Alignment, scan_box, image_path,
+                     seconds: Dict[str, float], with_result: bool):
+        """One atlas' labels of ``scan`` on its grid, the atlas' ranking similarity and (if
+        ``with_result``) its :class:`Segmentation`; as ``Segmenter._segment_aligned`` but the
+        scan normalised once and resampled only in its box. Adds to ``seconds``."""
+        clock = time.perf_counter()
+        aligned, box = to_atlas_space_box(scan, alignment, scan_box, with_box=True)
+        data = segmenter.config.data
+        grid = segmenter._crop_window
+        if grid is None:   # a crop centred on the scan's brain: as prepare_volumes finds it
+            grid = GridSpec.centred_on(normalise_intensity(aligned.array, source=scan.path),
+                                       data.crop_shape, data.factor)
+        target_crop = normalised_crop(aligned.array, box, grid, source=scan.path)
+        target = PreparedSubject(subject_id(image_path), grid.downsample(target_crop, "image"),
+                                 None, grid, aligned.affine, str(image_path))
+        _add(seconds, "to_atlas_space", time.perf_counter() - clock)
+        clock = time.perf_counter()
+        field = np.asarray(segmenter.forward_field(target))
+        _add(seconds, "network", time.perf_counter() - clock)
+        factor, refined = data.factor, None
+        if segmenter.refine is not None:
+            backward = (segmenter._predict_backward(field) if segmenter._predict_backward
+                        and segmenter.refine.objective == "ltnet" else None)
+            refined = refine_field(segmenter._atlas_crop, target_crop, field, segmenter.refine,
+                                   backward, segmenter._atlas_label_crop)
+            field, factor = refined.field, refined.factor
+            _add(seconds, "refine", refined.seconds)
+        clock = time.perf_counter()
+        offset = (np.array(segmenter.atlas.grid.crop_start)
+                  - np.array(grid.crop_start)).astype(np.float32)
+        region = label_region(field, factor, grid.crop_start, offset, segmenter._labelled_box,
+                              segmenter.atlas_labels.shape)
+        labels = segmenter._labels_through(alignment, field, grid.crop_start, offset, factor,
+                                           region)
+        _add(seconds, "labels_to_scan_grid", time.perf_counter() - clock)
+        clock = time.perf_counter()
+        atlas_crop = (segmenter._atlas_crop if segmenter._atlas_crop is not None
+                      else crop_image(segmenter.atlas_image, segmenter.atlas.grid))
+        score = ranking_similarity(atlas_crop, target_crop, field, factor)
+        _add(seconds, "rank", time.perf_counter() - clock)
+        if not with_result:
+            return labels, score, None
+        forward_field = segmenter._field_on_grid(field, tuple(grid.original_shape),
+                                                 np.array(grid.crop_start, np.int32),
+                                                 factor).numpy()
+        return labels, score, Segmentation(
+            target.subject, labels, scan.affine, scan.header, forward_field, offset, {},
+            alignment, aligned.array, network_field=field, refinement=refined)
+
     def segment_to_files(self, image_path, out_dir, save_warped_atlas=False, save_field=False,
                          save_aligned=False, paths: Optional[Dict[str, Path]] = None,
                          save_brain_mask=False) -> Segmentation:
@@ -118,3 +270,7 @@ class MultiAtlasSegmenter:
         write_segmentation(result, paths, self.atlas_image, self.atlas_volume.affine,
                            save_warped_atlas, save_field, save_aligned, save_brain_mask)
         return result
+
+
+def _add(seconds: Dict[str, float], stage: str, value: float) -> None:
+    seconds[stage] = seconds.get(stage, 0.0) + value

@@ -287,20 +287,24 @@ class Segmenter:
         if result.brain is not None:
             result.seconds.update(result.brain.seconds)
         if self.measure_qc:
-            from ltnet_keras.inference.qc import qc_signals
-            from ltnet_keras.inference.refine import folding_fraction
-            clock = time.perf_counter()
-            folding = (result.refinement.folding_fraction if result.refinement is not None
-                       else folding_fraction(result.network_field))
-            result.signals.update(qc_signals(
-                self.atlas_image, self.atlas_labels, on_field_grid, result.sampling_positions,
-                self.protocol, 100.0 * folding,
-                None if result.alignment is None else result.alignment.similarity))
-            if result.refinement is not None and result.refinement.inverse_consistency_mm:
-                # LT-Net's objective: how far G_B's refined field is from inverting G_F's.
-                result.signals["inverse_consistency_mm"] = result.refinement.inverse_consistency_mm
-            result.seconds["qc"] = time.perf_counter() - clock
+            self.measure_signals(result, on_field_grid)
         return result
+
+    def measure_signals(self, result: Segmentation, on_field_grid: np.ndarray) -> None:
+        """Adds the quality signals of ``result`` (this atlas') and ``qc`` to its seconds."""
+        from ltnet_keras.inference.qc import qc_signals
+        from ltnet_keras.inference.refine import folding_fraction
+        clock = time.perf_counter()
+        folding = (result.refinement.folding_fraction if result.refinement is not None
+                   else folding_fraction(result.network_field))
+        result.signals.update(qc_signals(
+            self.atlas_image, self.atlas_labels, on_field_grid, result.sampling_positions,
+            self.protocol, 100.0 * folding,
+            None if result.alignment is None else result.alignment.similarity))
+        if result.refinement is not None and result.refinement.inverse_consistency_mm:
+            # LT-Net's objective: how far G_B's refined field is from inverting G_F's.
+            result.signals["inverse_consistency_mm"] = result.refinement.inverse_consistency_mm
+        result.seconds["qc"] = time.perf_counter() - clock
 
     def _segment_in_place(self, image_path) -> Tuple[Segmentation, np.ndarray]:
         """The scan is taken to be in the atlas' space already; the field is in its voxels.
@@ -368,17 +372,17 @@ class Segmenter:
                             brain=brain), aligned.array
 
     def _labels_through(self, alignment: Alignment, field_network, crop_start,
-                        offset, factor) -> np.ndarray:
+                        offset, factor, region=None) -> np.ndarray:
         """Atlas labels on the scan's grid: every scan voxel that can see the atlas grid looks
         the labels up at inverse-affine + forward-field; the rest is background."""
         # Only atlas points that the field can carry onto a labelled voxel can get a label: the
         # atlas' labelled box widened by the largest displacement (and the offset between the
-        # crops). The scan voxels mapping outside it are background and need no lookup.
+        # crops), or a given ``region``. The scan voxels mapping outside it are background.
         reach = (np.abs(np.asarray(field_network)).max(axis=(0, 1, 2)) * factor
                  + np.abs(offset) + 2.0)
         low, high = self._labelled_box
         grid_low, grid_high = np.full(3, -0.5), np.asarray(self.atlas_labels.shape) - 0.5
-        region = (np.maximum(low - reach, grid_low), np.minimum(high + reach, grid_high))
+        region = region or (np.maximum(low - reach, grid_low), np.minimum(high + reach, grid_high))
         start, stop = alignment.scan_box(region)
         labels = np.zeros(alignment.scan_shape, dtype=self.atlas_labels.dtype)
         box_shape = stop - start
