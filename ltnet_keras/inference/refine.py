@@ -31,9 +31,9 @@ from ltnet_keras.data.preprocess import normalise_intensity
 from ltnet_keras.models import trilinear
 from ltnet_keras.inference.refine_cycle import CycleWeights
 from ltnet_keras.inference.refine_equations import (  # noqa: F401  (the equations, re-exported)
-    ADAM_BETAS, ADAM_EPSILON, NCC_EPSILON, adam_update, box_sum, box_sum_axis, corner_table, diffusion_and_gradient, folding_fraction,
-    integrate_velocity, ncc_and_gradient, objective, smooth, smooth_transpose, target_sums,
-    warp_and_derivative)
+    ADAM_BETAS, ADAM_EPSILON, NCC_EPSILON, adam_update, box_sum, box_sum_axis, corner_table,
+    diffusion_and_gradient, folding_fraction, integrate_velocity, ncc_and_gradient, smooth,
+    smooth_transpose, target_sums, warp_and_derivative)
 
 
 #: Level factors (voxel size in mm of a 1 mm crop) a level may use, finest 1.
