@@ -208,8 +208,8 @@ def _round_trip(field, moving_table, own_table, own_image, other_field, cycle_we
     """One side of the cycle, for ``field`` (``F`` on the target's grid, or ``B`` on the
     atlas'): the moving image warped (and its derivative), the round trip ``E = field +
     other(p + field)``, Eq. 7's and Eq. 8's penalties on this side and their gradient carried
-    to ``field`` through ``(I + J_other)^T``; also ``J_other``, the cell at ``p + field`` and
-    the cell at ``p + E`` (the label terms read them)."""
+    to ``field`` through ``(I + J_other)^T``; also ``J_other`` at ``p + field`` (the label
+    terms carry their gradient through it)."""
     voxels = float(np.prod(field.shape[1:]))
     warped, d_warped = warp_and_derivative(moving_table, field)
     # The other field's corner tables are made here: in one program with the warp XLA
@@ -276,7 +276,7 @@ def _tables(atlas, target, atlas_labels):
 
 # -------------------------------------------------------------------------- one level
 @dataclass
-class _Level:
+class Level:
     """What a level's steps share: the images, their tables and NCC sums, the labels."""
     atlas: tf.Tensor
     target: tf.Tensor
@@ -290,18 +290,20 @@ class _Level:
     window: int
 
 
-def make_level(atlas, target, labels, window: int, label_count: int) -> _Level:
+def make_level(atlas, target, labels, window: int, label_count: int) -> Level:
+    """A level's :class:`Level` from its images and labels ``(x, y, z)`` (numpy), the NCC
+    window (voxels) and the atlas' label count (Eq. 10's channels)."""
     atlas, target = tf.constant(atlas), tf.constant(target)
     labels = tf.constant(np.asarray(labels, np.int32))
     atlas_table, target_table, label_table = _tables(atlas, target, labels)
-    return _Level(atlas, target, atlas_table, target_table, _target_sums(atlas, window),
+    return Level(atlas, target, atlas_table, target_table, _target_sums(atlas, window),
                   _target_sums(target, window), labels, label_table, label_count, window)
 
 
 _target_sums = _compiled(target_sums)
 
 
-def pair_loss_and_gradients(level: _Level, forward, backward, weights: CycleWeights,
+def pair_loss_and_gradients(level: Level, forward, backward, weights: CycleWeights,
                             smooth_weight: float, passes: int) -> Tuple:
     """The objective at fields ``forward``, ``backward`` ``(3, x, y, z)`` and its gradients
     with respect to their (smoothed) updates; also the forward round trip ``E_F``."""
@@ -334,7 +336,7 @@ def pair_loss_and_gradients(level: _Level, forward, backward, weights: CycleWeig
     return loss, gradient_f, gradient_b, residual_f
 
 
-def run_pair_level(level: _Level, base_f, base_b, steps: int, weights: CycleWeights,
+def run_pair_level(level: Level, base_f, base_b, steps: int, weights: CycleWeights,
                    smooth_weight: float, passes: int, learning_rate: float):
     """Adam on both fields' updates for ``steps`` steps. Returns (forward, backward, the
     forward round trip, the loss before each step, the final loss)."""
