@@ -37,7 +37,7 @@ import tensorflow as tf
 
 from ltnet_keras.models import trilinear
 from ltnet_keras.inference.refine_equations import (
-    adam_update, corner_table, diffusion_and_gradient, ncc_and_gradient, smooth,
+    adam_update, cells, corner_table, diffusion_and_gradient, ncc_and_gradient, smooth,
     smooth_transpose, target_sums, warp_and_derivative)
 
 #: Eq. 8's penalty: rho(x) = (x^2 + eps^2)^gamma with the paper's eps = 0.001, gamma = 0.45.
@@ -89,28 +89,9 @@ def charbonnier_and_derivative(x, epsilon: float, gamma: float):
     return tf.exp(gamma * log_base), 2.0 * gamma * x * tf.exp((gamma - 1.0) * log_base)
 
 
-def cells(field):
-    """The trilinear cells the warp by ``field`` ``(3, x, y, z)`` reads, clamped as
-    :func:`~ltnet_keras.inference.refine_equations.warp_and_derivative` clamps: the flat index
-    of each voxel's lower corner ``(x, y, z)``, the weight of the lower corner along each axis
-    and its slope (0 outside the volume), both ``(3, x, y, z)``."""
-    shape = field.shape[1:]
-    index, lower_weights, slopes = 0, [], []
-    for axis in range(3):
-        view = [1, 1, 1]
-        view[axis] = shape[axis]
-        top = float(shape[axis] - 1)
-        position = field[axis] + tf.reshape(tf.range(shape[axis], dtype=tf.float32), view)
-        clamped = tf.clip_by_value(position, 0.0, top)
-        low = tf.clip_by_value(tf.floor(position), 0.0, top)
-        index = index + tf.cast(low, tf.int32) * int(np.prod(shape[axis + 1:]))
-        lower_weights.append(tf.minimum(low + 1.0, top) - clamped)
-        slopes.append(tf.cast(tf.equal(position, clamped), tf.float32))
-    return index, tf.stack(lower_weights), tf.stack(slopes)
-
-
 def corner_weights(cell):
-    """The 8 corner weights ``(x, y, z, 8)`` of a :func:`cells` cell in
+    """The 8 corner weights ``(x, y, z, 8)`` of a cell (:func:`~ltnet_keras.inference.
+    refine_equations.cells`) in
     :data:`~ltnet_keras.models.trilinear.CORNERS` order and their derivatives with respect to
     the displacement ``(3, x, y, z, 8)``: ``sum(weights * corners)`` is the warp."""
     _, lower, slope = cell

@@ -132,15 +132,13 @@ def corner_table(volume):
                                 for i, j, k in trilinear.CORNERS], -1), [-1, 8])
 
 
-def warp_and_derivative(table, field):
-    """``volume(grid + field)`` and its derivative ``(3, x, y, z)`` with respect to
-    ``field``, from ``table = corner_table(volume)``: the trilinear warp of
-    :mod:`ltnet_keras.models.trilinear` (neurite's ``interpn``: positions clamped to the
-    volume, upper corner ``lower + 1`` clamped, zero derivative where clamped) of ``(x, y, z)``
-    by ``(3, x, y, z)`` voxels. The 8 corners are interpolated along z, then y, then x,
-    carrying the 3 partial derivatives along."""
+def cells(field):
+    """The trilinear cells the warp by ``field`` ``(3, x, y, z)`` reads (positions clamped to
+    the volume, upper corner ``lower + 1`` clamped): the flat index of each voxel's lower
+    corner ``(x, y, z)``, the weight of the lower corner along each axis and its slope, the
+    derivative's factor (0 where clamped), both ``(3, x, y, z)``."""
     shape = field.shape[1:]
-    lower, weight_lower, slope = [], [], []
+    index, weight_lower, slope = 0, [], []
     for axis in range(3):
         view = [1, 1, 1]
         view[axis] = shape[axis]
@@ -148,10 +146,20 @@ def warp_and_derivative(table, field):
         position = field[axis] + tf.reshape(tf.range(shape[axis], dtype=tf.float32), view)
         clamped = tf.clip_by_value(position, 0.0, top)
         low = tf.clip_by_value(tf.floor(position), 0.0, top)
-        lower.append(tf.cast(low, tf.int32))
+        index = index + tf.cast(low, tf.int32) * int(np.prod(shape[axis + 1:]))
         weight_lower.append(tf.minimum(low + 1.0, top) - clamped)
         slope.append(tf.cast(tf.equal(position, clamped), tf.float32))
-    index = lower[0] * (shape[1] * shape[2]) + lower[1] * shape[2] + lower[2]
+    return index, weight_lower, slope
+
+
+def warp_and_derivative(table, field):
+    """``volume(grid + field)`` and its derivative ``(3, x, y, z)`` with respect to
+    ``field``, from ``table = corner_table(volume)``: the trilinear warp of
+    :mod:`ltnet_keras.models.trilinear` (neurite's ``interpn``: positions clamped to the
+    volume, upper corner ``lower + 1`` clamped, zero derivative where clamped) of ``(x, y, z)``
+    by ``(3, x, y, z)`` voxels. The 8 corners are interpolated along z, then y, then x,
+    carrying the 3 partial derivatives along."""
+    index, weight_lower, slope = cells(field)
     corners = tf.gather(table, index)               # (x, y, z, 8), z fastest in the 8
 
     def along(low, high, axis):   # value and derivative of a 1D linear interpolation
