@@ -459,7 +459,8 @@ def build_parser() -> argparse.ArgumentParser:
     refine.add_argument("--refine-objective", choices=("plain", "ltnet"),
                         help="plain (default): NCC + diffusion on the forward field; ltnet: "
                         "forward and backward fields together with NCC both ways and the "
-                        "cycle terms of Eq. 7-8 (slower; see results/refine_ltnet)")
+                        "cycle terms of Eq. 7-8: ~4x the time for +0.1-0.2 Dice and half the "
+                        "folds (README, results/refine_ltnet)")
     p.set_defaults(func=cmd_segment)
     return parser
 
