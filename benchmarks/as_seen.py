@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fresh_process import REPO, score, timed  # noqa: E402
+from fresh_process import LTNET, REPO, score, timed  # noqa: E402
 
 SYN_BATCH = """
 import sys
@@ -35,7 +35,8 @@ atlas, labels = load_subject(atlas_image, atlas_labels, LabelTable.from_tsv(tabl
 for scan_path in sys.argv[5:]:
     scan = load_image(scan_path)
     warped = register_atlas(atlas, labels, scan, SynSettings())
-    save_volume(warped.labels, f"{out}/{scan_path.split('/')[-1]}", scan.affine)
+    save_volume(warped.labels, f"{out}/{scan_path.split('/')[-2]}_{scan_path.split('/')[-1]}",
+                scan.affine)
 """
 
 
@@ -59,7 +60,7 @@ def _job(run: Path, subjects, folder: Path, env, jobs=None, repeats=1) -> dict:
     commands = {}
     for j in jobs or [None]:
         name = "ltnet" if j is None else f"ltnet_jobs_{j}"
-        commands[name] = (["ltnet", "segment", "--run", str(run), "--align", config.data.align,
+        commands[name] = ([LTNET, "segment", "--run", str(run), "--align", config.data.align,
                            "--refine", "--overwrite", "--out", str(ltnet_out / name), "--image",
                            *scans] + ([] if j is None else ["--jobs", str(j)]))
     commands["syn"] = [sys.executable, "-c", SYN_BATCH, str(atlas.image), str(atlas.label),
@@ -68,9 +69,14 @@ def _job(run: Path, subjects, folder: Path, env, jobs=None, repeats=1) -> dict:
     for _ in range(repeats):
         for name, command in commands.items():
             seconds[name].append(timed(command, env))
+    from ltnet_keras.inference.outputs import plan_output_paths
     for name in commands:
         out = syn_out if name == "syn" else ltnet_out / name
-        dice = [score(out / Path(files[s].image).name, files[s].label, table) for s in subjects]
+        # ltnet names outputs by subject (FreeSurfer's are all brainmask.mgz); SyN here by file.
+        written = ([out / f"{Path(scan).parent.name}_{Path(scan).name}" for scan in scans]
+                   if name == "syn" else
+                   [p["labels"] for p in plan_output_paths(scans, out, overwrite=True)])
+        dice = [score(path, files[s].label, table) for path, s in zip(written, subjects)]
         row[name] = {"seconds": statistics.median(seconds[name]), "all_seconds": seconds[name],
                      "per_scan_s": statistics.median(seconds[name]) / len(subjects),
                      "dice": statistics.mean(dice)}
@@ -91,23 +97,25 @@ def main(argv=None):
     env = dict(os.environ, ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(cores),
                TF_CPP_MIN_LOG_LEVEL="2")
     lpba40, freesurfer = REPO / "results" / "recipe" / "ltnet", REPO / "results" / "freesurfer" / "ltnet"
-    rows, lines = {"cores": cores, "date": time.strftime("%Y-%m-%d %H:%M")}, []
+    rows = {}
+    if args.out and (args.out / "as_seen.json").exists():   # --only redoes some jobs
+        rows = json.loads((args.out / "as_seen.json").read_text())
+    rows.update({"cores": cores, f"date_{'_'.join(args.only)}": time.strftime("%Y-%m-%d %H:%M")})
     with tempfile.TemporaryDirectory(prefix="ltnet_as_seen_") as folder:
         folder = Path(folder)
         # One warm-up run fills the compilation cache (\"after a first run on the machine\").
-        timed(["ltnet", "segment", "--run", str(lpba40), "--align", "none", "--refine",
+        timed([LTNET, "segment", "--run", str(lpba40), "--align", "none", "--refine",
                "--overwrite", "--out", str(folder / "warm"), "--image",
                str(_subjects(lpba40)[1]["S40"].image)], env)
-        if "one" in args.only:
-            rows["one"] = _job(lpba40, ["S31"], folder / "one", env, repeats=args.repeats)
-        if "batch" in args.only:
-            rows["batch"] = _job(lpba40, [f"S{i}" for i in range(31, 40)], folder / "batch",
-                                 env, jobs=[1, "auto"])
-        if "freesurfer" in args.only:
-            config = _subjects(freesurfer)[0]
-            rows["freesurfer"] = _job(freesurfer, list(config.data.val_subjects),
-                                      folder / "freesurfer", env, jobs=[1, "auto"])
-    lines = [f"# Whole commands, wall clock, {cores} cores for both tools ({rows['date']})", "",
+        jobs = {"one": (lpba40, ["S31"], None, args.repeats),
+                "batch": (lpba40, [f"S{i}" for i in range(31, 40)], [1, "auto"], 1),
+                "freesurfer": (freesurfer, list(_subjects(freesurfer)[0].data.val_subjects),
+                               [1, "auto"], 1)}
+        for job in args.only:
+            run, subjects, parallel, repeats = jobs[job]
+            rows[job] = _job(run, subjects, folder / job, env, jobs=parallel, repeats=repeats)
+            print(f"{job}: {json.dumps(rows[job])}", flush=True)
+    lines = [f"# Whole commands, wall clock, {cores} cores for both tools", "",
              "| job | scans | command | s (whole command) | s/scan | Dice | ratio to SyN |",
              "|---|---|---|---|---|---|---|"]
     for job in ("one", "batch", "freesurfer"):

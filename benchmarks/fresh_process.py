@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+#: The command of the environment this runs in (a venv need not be activated).
+LTNET = str(Path(sys.executable).with_name("ltnet"))
 
 SYN_COMMAND = """
 import sys, time
@@ -76,7 +78,7 @@ def main(argv=None):
         env = dict(os.environ, LTNET_XLA_CACHE=str(folder / "xla"),
                    ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS=str(cores))
         env.pop("TF_XLA_FLAGS", None)
-        ltnet = ["ltnet", "segment", "--run", str(args.run), "--image", str(scan), "--align",
+        ltnet = [LTNET, "segment", "--run", str(args.run), "--image", str(scan), "--align",
                  config.data.align, "--refine", "--overwrite", "--out"]
         syn = [sys.executable, "-c", SYN_COMMAND, str(files[atlas].image), str(files[atlas].label),
                str(scan), str(table), str(folder / "syn.nii.gz")]

@@ -370,3 +370,15 @@ def test_volume_errors_cross_processes_as_they_are():
     error = pickle.loads(pickle.dumps(VolumeError("/a/b.nii.gz", "no such file")))
     assert type(error) is VolumeError and str(error) == "/a/b.nii.gz: no such file"
     assert (error.source, error.problem) == ("/a/b.nii.gz", "no such file")
+
+
+def test_workers_run_one_thread_each_but_register_with_the_users_itk_threads(monkeypatch):
+    from ltnet_keras.inference.parallel import worker_environment
+    monkeypatch.delenv("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", raising=False)
+    values = worker_environment()
+    assert values["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] == "1"      # load_ants' default
+    assert values["TF_NUM_INTRAOP_THREADS"] == values["OMP_NUM_THREADS"] == "1"
+    # ANTs' affine depends on ITK's thread count: a worker keeps the serial run's.
+    monkeypatch.setenv("ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS", "2")
+    assert worker_environment()["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] == "2"
+    assert worker_environment()["TF_NUM_INTRAOP_THREADS"] == "1"
