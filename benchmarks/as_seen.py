@@ -7,7 +7,9 @@
 3. ``freesurfer``: the FreeSurfer protocol run's validation scans (256^3 .mgz, ``--align
    affine --refine``) in one command.
 SyN: affine + SyN at 3 mm, labels warped back and written (``baselines/syn.py``, Table 3's
-settings), one process for the whole list, ITK on all cores.
+settings), one process for the whole list, ITK on all cores. ``ltnet`` runs as a user runs it:
+TensorFlow on all cores, the ANTs affine inside it on one ITK thread (its default: the same
+affine bit for bit run after run and under ``--jobs``, which the FreeSurfer job checks).
 
     python benchmarks/as_seen.py --out results/as_seen
     python benchmarks/as_seen.py --only one batch --repeats 1
@@ -65,10 +67,13 @@ def _job(run: Path, subjects, folder: Path, env, jobs=None, repeats=1) -> dict:
                            *scans] + ([] if j is None else ["--jobs", str(j)]))
     commands["syn"] = [sys.executable, "-c", SYN_BATCH, str(atlas.image), str(atlas.label),
                        table, str(syn_out), *scans]
+    # ltnet as a user runs it: ANTs inside it on one ITK thread (its default, which keeps the
+    # affine the same bit for bit from run to run and between --jobs); SyN on every core.
+    ltnet_env = {k: v for k, v in env.items() if k != "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"}
     seconds = {name: [] for name in commands}
     for _ in range(repeats):
         for name, command in commands.items():
-            seconds[name].append(timed(command, env))
+            seconds[name].append(timed(command, env if name == "syn" else ltnet_env))
     from ltnet_keras.inference.outputs import plan_output_paths
     for name in commands:
         out = syn_out if name == "syn" else ltnet_out / name
@@ -83,6 +88,11 @@ def _job(run: Path, subjects, folder: Path, env, jobs=None, repeats=1) -> dict:
     for name in commands:
         if name != "syn":
             row[name]["ratio_to_syn"] = row[name]["seconds"] / row["syn"]["seconds"]
+    if jobs and len(jobs) > 1:      # --jobs must not change a single byte of a label map
+        first, *others = [ltnet_out / f"ltnet_jobs_{j}" for j in jobs]
+        row["jobs_outputs_identical"] = all(
+            (first / path.name).read_bytes() == (other / path.name).read_bytes()
+            for other in others for path in first.iterdir() if path.is_file())
     return row
 
 
