@@ -63,7 +63,7 @@ def test_summary_groups_cases_and_keeps_the_inverse_consistency_of_ltnet_only(tm
 
 
 @pytest.mark.slow
-def test_run_cases_measures_each_case_once_and_resumes(tmp_path):
+def test_run_cases_measures_each_case_once_and_resumes(tmp_path, lpba40_root):
     from pathlib import Path
     run = Path(__file__).resolve().parents[2] / "results" / "recipe" / "ltnet"
     named = {"zero/plain/x0": RefineSettings(levels=((8, 0),), start="zero"),
