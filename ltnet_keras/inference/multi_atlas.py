@@ -25,7 +25,6 @@ from ltnet_keras.inference.fusion import (FUSIONS, JointFusionSettings, fuse_atl
                                           majority_vote)
 from ltnet_keras.inference.outputs import output_paths
 from ltnet_keras.inference.qc import atlas_disagreement
-from ltnet_keras.inference.refine import crop_image, refine_field
 from ltnet_keras.inference.segment import (Segmentation, Segmenter, check_field_of_view,
                                            warp_image, write_segmentation)
 
@@ -233,10 +232,7 @@ class MultiAtlasSegmenter:
         _add(seconds, "network", time.perf_counter() - clock)
         factor, refined = data.factor, None
         if segmenter.refine is not None:
-            backward = (segmenter._predict_backward(field) if segmenter._predict_backward
-                        and segmenter.refine.objective == "ltnet" else None)
-            refined = refine_field(segmenter._atlas_crop, target_crop, field, segmenter.refine,
-                                   backward, segmenter._atlas_label_crop)
+            refined = segmenter.refine_crop(field, target_crop)
             field, factor = refined.field, refined.factor
             _add(seconds, "refine", refined.seconds)
         clock = time.perf_counter()
@@ -248,9 +244,7 @@ class MultiAtlasSegmenter:
                                            region)
         _add(seconds, "labels_to_scan_grid", time.perf_counter() - clock)
         clock = time.perf_counter()
-        atlas_crop = (segmenter._atlas_crop if segmenter._atlas_crop is not None
-                      else crop_image(segmenter.atlas_image, segmenter.atlas.grid))
-        score = ranking_similarity(atlas_crop, target_crop, field, factor)
+        score = ranking_similarity(segmenter.atlas_crop, target_crop, field, factor)
         _add(seconds, "rank", time.perf_counter() - clock)
         if not with_result:
             return labels, score, None

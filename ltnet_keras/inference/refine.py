@@ -400,9 +400,10 @@ def _refine_pair(atlas_image, target_image, initial_field, initial_backward, atl
                  state_factor: int, settings: RefineSettings) -> RefineResult:
     """:func:`refine_field` for the ``ltnet`` objective: both fields, level by level."""
     from ltnet_keras.inference import refine_cycle
-    if settings.start == "zero" or initial_backward is None:
-        initial_backward = (np.zeros_like(initial_field) if settings.start == "zero"
-                            else refine_cycle.approximate_inverse(initial_field))
+    if settings.start == "zero":
+        initial_backward = np.zeros_like(initial_field)
+    elif initial_backward is None:
+        initial_backward = refine_cycle.approximate_inverse(initial_field)
     initial_backward = np.asarray(initial_backward, np.float32)
     if initial_backward.shape != initial_field.shape:
         raise ValueError(f"initial backward field {initial_backward.shape} must have the forward "

@@ -30,6 +30,7 @@ weights of the 8 corners of its cell grouped by the corners' labels, so the Dice
 and the per-label penalties of Eq. 10 are computed from 8 (or 17) labels per voxel.
 """
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional, Tuple
 
 import numpy as np
@@ -364,17 +365,34 @@ def approximate_inverse(field: np.ndarray, iterations: int = 10) -> np.ndarray:
     return np.asarray(backward[0], np.float32)
 
 
-def backward_predictor(weights_path, atlas_network_image: np.ndarray, network):
+class BackwardStart:
     """G_B as test time uses it: ``forward field (x, y, z, 3) -> backward field`` on the
     network grid, ``G_B([atlas o F, atlas])`` as in training (Eq. 5: the warped atlas moves
-    back onto the atlas). ``atlas_network_image``: the atlas on the network grid."""
-    from ltnet_keras.models.generators import make_generator
-    generator = make_generator(atlas_network_image.shape, network, "backward_generator")
-    generator.load_weights(str(weights_path))
-    atlas = tf.constant(np.asarray(atlas_network_image, np.float32)[None, ..., None])
+    back onto the atlas); ``None`` for a run without G_B (VoxelMorph). G_B is loaded on the
+    first call, so a segmenter that never refines with ``ltnet`` never loads it.
+    ``atlas_network_image``: the atlas on the network grid."""
 
-    @tf.function(reduce_retracing=True, autograph=False)
-    def predict(forward):
-        warped = trilinear.warp(atlas, forward[None])
-        return generator([warped, atlas], training=False)[0]
-    return lambda forward: np.asarray(predict(tf.constant(np.asarray(forward, np.float32))))
+    def __init__(self, weights_path, atlas_network_image: np.ndarray, network):
+        self.weights_path, self.network = Path(weights_path), network
+        self.atlas_network_image = np.asarray(atlas_network_image, np.float32)
+        self._predict = None
+
+    def _load(self):
+        from ltnet_keras.models.generators import make_generator
+        generator = make_generator(self.atlas_network_image.shape, self.network,
+                                   "backward_generator")
+        generator.load_weights(str(self.weights_path))
+        atlas = tf.constant(self.atlas_network_image[None, ..., None])
+
+        @tf.function(reduce_retracing=True, autograph=False)
+        def predict(forward):
+            warped = trilinear.warp(atlas, forward[None])
+            return generator([warped, atlas], training=False)[0]
+        return predict
+
+    def __call__(self, forward) -> Optional[np.ndarray]:
+        if not self.weights_path.exists():
+            return None
+        if self._predict is None:
+            self._predict = self._load()
+        return np.asarray(self._predict(tf.constant(np.asarray(forward, np.float32))))

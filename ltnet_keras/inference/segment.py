@@ -9,6 +9,7 @@ the atlas grid (:mod:`ltnet_keras.data.align`); G_F runs there, and each voxel o
 grid looks up the atlas labels through the inverse affine and the forward field, so the labels
 are resampled once, straight from the atlas onto the scan's grid.
 """
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ from ltnet_keras.data.skull import BrainExtraction, BrainFinder, default_brain_f
 from ltnet_keras.inference.outputs import output_paths
 from ltnet_keras.inference.refine import (RefineResult, RefineSettings, crop_image,
                                           refine_field)
+from ltnet_keras.inference.refine_cycle import BackwardStart
 from ltnet_keras.inference.transfer import (_check_method, field_at_points,  # noqa: F401
                                             field_to_grid, sampling_grid, warp_image,
                                             warp_label_map, warp_labels_tf)
@@ -180,19 +182,12 @@ class Segmenter:
         # Whole-head scans are detected and their brain extracted (templates: the data root's
         # FreeSurfer subjects, or a `freesurfer` collection beside it) unless told otherwise.
         self.brain_finder = brain_finder or default_brain_finder(data.resolved_root())
-        # The atlas as refinement compares it with each scan: its normalised full-resolution crop.
-        self._atlas_crop = crop_image(self.atlas_image, self.atlas.grid) if refine else None
         self.generator = make_generator(self.atlas.image.shape, self.config.network,
                                         "forward_generator")
         self.generator.load_weights(str(run_dir / FORWARD_WEIGHTS))
-        # LT-Net at test time: G_B starts the backward field; the atlas' labels feed Eq. 9-10.
-        self._predict_backward, self._atlas_label_crop = None, None
-        if refine is not None and refine.objective == "ltnet":
-            from ltnet_keras.inference.refine_cycle import backward_predictor
-            self._atlas_label_crop = self.atlas.grid.crop(self.atlas_labels)
-            if refine.start == "network" and (run_dir / BACKWARD_WEIGHTS).exists():
-                self._predict_backward = backward_predictor(
-                    run_dir / BACKWARD_WEIGHTS, self.atlas.image, self.config.network)
+        # LT-Net at test time: G_B (loaded on first use) starts the backward field.
+        self.backward_start = BackwardStart(run_dir / BACKWARD_WEIGHTS, self.atlas.image,
+                                            self.config.network)
         atlas_input = tf.constant(self.atlas.image[None, ..., None])
         atlas_labels_tensor = tf.constant(self.atlas_labels.astype(np.int32))
         generator, method = self.generator, self.label_interp
@@ -269,12 +264,25 @@ class Segmenter:
         seconds["network"] = time.perf_counter() - clock
         if self.refine is None:
             return field_network, self.config.data.factor, None
-        backward = (self._predict_backward(field_network) if self._predict_backward
-                    and self.refine.objective == "ltnet" else None)
-        result = refine_field(self._atlas_crop, crop_image(image, target.grid), field_network,
-                              self.refine, backward, self._atlas_label_crop)
+        result = self.refine_crop(field_network, crop_image(image, target.grid))
         seconds["refine"] = result.seconds
         return result.field, result.factor, result
+
+    @functools.cached_property
+    def atlas_crop(self) -> np.ndarray:
+        """The atlas as refinement compares it with each scan: its normalised 1 mm crop."""
+        return crop_image(self.atlas_image, self.atlas.grid)
+
+    def refine_crop(self, field_network, target_crop, settings=None) -> RefineResult:
+        """:func:`refine_field` of G_F's field on a scan's normalised crop with this atlas and
+        ``settings`` (default ``self.refine``): G_B's start and the atlas' labels for ltnet."""
+        settings = settings or self.refine
+        ltnet = settings.objective == "ltnet"
+        backward = (self.backward_start(field_network)
+                    if ltnet and settings.start == "network" else None)
+        labels = self.atlas.grid.crop(self.atlas_labels) if ltnet else None
+        return refine_field(self.atlas_crop, target_crop, field_network, settings, backward,
+                            labels)
 
     def segment(self, image_path) -> Segmentation:
         """Label map of one scan on its own grid (Eq. 2), aligned first if ``self.align``;

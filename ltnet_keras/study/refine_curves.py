@@ -88,8 +88,8 @@ def run_cases(run_dir, named: Dict[str, Optional[RefineSettings]], out_dir, run_
     from ltnet_keras.data.dataset import subject_files
     from ltnet_keras.data.io import load_subject
     from ltnet_keras.data.labels import LabelTable
+    from ltnet_keras.inference.refine import folding_fraction
     from ltnet_keras.inference.segment import Segmenter
-    from ltnet_keras.study.refine_sweep import score
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -98,10 +98,8 @@ def run_cases(run_dir, named: Dict[str, Optional[RefineSettings]], out_dir, run_
     files = subject_files(config.data, list(subjects or config.data.val_subjects))
     table = LabelTable.from_tsv(config.data.resolved_labels_tsv())
     dataset = Path(config.data.resolved_root()).name
-    # Built for the ltnet objective so that G_B and the atlas' label crop are at hand; each
-    # setting then swaps in its own refinement.
-    segmenter = Segmenter(run_dir, alignment_cache=alignment_cache,
-                          refine=RefineSettings(objective="ltnet"))
+    # One segmenter for every setting: each swaps in its own refinement.
+    segmenter = Segmenter(run_dir, alignment_cache=alignment_cache, refine=RefineSettings())
     truths = {}
     for name, settings in named.items():
         todo = [f for f in files if (run_label, name, f.id) not in _done(cases_csv)]
@@ -115,15 +113,14 @@ def run_cases(run_dir, named: Dict[str, Optional[RefineSettings]], out_dir, run_
             clock = time.perf_counter()
             result = segmenter.segment(subject.image)
             seconds = time.perf_counter() - clock
+            # The project's Dice (refine_sweep.score) and the per-label mean, from one count.
             scores = evaluation.evaluate_pair(result.labels, truths[subject.id], table)
             refined = result.refinement
-            field = result.network_field if refined is None else refined.field
-            from ltnet_keras.inference.refine import folding_fraction
             row = {"dataset": dataset, "run": run_label, "setting": name,
                    "start": "network" if settings is None else settings.start,
                    "objective": "none" if settings is None else settings.objective,
                    "scale": name.rsplit("/x", 1)[-1] if "/x" in name else "",
-                   "subject": subject.id, "dice": score(result.labels, truths[subject.id], table),
+                   "subject": subject.id, "dice": 100.0 * scores.mean_structure,
                    "dice_label": 100.0 * scores.mean_label,
                    "refine_s": 0.0 if refined is None else refined.seconds,
                    "segment_s": seconds,
@@ -131,7 +128,7 @@ def run_cases(run_dir, named: Dict[str, Optional[RefineSettings]], out_dir, run_
                                               or refined.inverse_consistency_mm is None
                                               else refined.inverse_consistency_mm),
                    "folding_percent": 100.0 * (refined.folding_fraction if refined is not None
-                                               else folding_fraction(field))}
+                                               else folding_fraction(result.network_field))}
             _append(cases_csv, row)
             log(f"{run_label} {name} {subject.id}: Dice {row['dice']:.2f} refine "
                 f"{row['refine_s']:.2f} s")

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from ltnet_keras import evaluation
-from ltnet_keras.inference.refine import RefineResult, RefineSettings, crop_image, refine_field
+from ltnet_keras.inference.refine import RefineResult, RefineSettings, crop_image
 from ltnet_keras.records import (atomic_write_text, csv_text, package_versions,
                                  without_machine_paths)
 
@@ -38,17 +38,14 @@ def set_threads(threads: int) -> None:
 
 @dataclass
 class Case:
-    """One labelled scan ready for refinement: both crops, G_F's network field, the prepared
+    """One labelled scan ready for refinement: its crop, G_F's network field, the prepared
     target (its ``grid`` maps back) and its manual labels on its own grid."""
     subject: str
     target: object
-    atlas_crop: np.ndarray
     target_crop: np.ndarray
     network_field: np.ndarray
     truth: np.ndarray
     network_seconds: float
-    #: G_B's backward field for G_F's (runs with a G_B), the ``ltnet`` objective's start.
-    backward_field: Optional[np.ndarray] = None
 
 
 class CaseMaker:
@@ -61,15 +58,6 @@ class CaseMaker:
         from ltnet_keras.inference.segment import Segmenter
         from ltnet_keras.inference.transfer import field_to_grid, sampling_grid, warp_labels_tf
         self.segmenter = Segmenter(run_dir, align="none")
-        self.atlas_crop = crop_image(self.segmenter.atlas_image, self.segmenter.atlas.grid)
-        self.atlas_label_crop = self.segmenter.atlas.grid.crop(self.segmenter.atlas_labels)
-        self._predict_backward = None
-        from ltnet_keras.training import BACKWARD_WEIGHTS
-        if (Path(run_dir) / BACKWARD_WEIGHTS).exists():
-            from ltnet_keras.inference.refine_cycle import backward_predictor
-            self._predict_backward = backward_predictor(
-                Path(run_dir) / BACKWARD_WEIGHTS, self.segmenter.atlas.image,
-                self.segmenter.config.network)
         labels = tf.constant(self.segmenter.atlas_labels.astype(np.int32))
         method = self.segmenter.label_interp
 
@@ -87,9 +75,8 @@ class CaseMaker:
         field = np.asarray(self.segmenter.forward_field(target))
         seconds = time.perf_counter() - clock
         target_crop = crop_image(load_image(image_path).array, target.grid)
-        backward = None if self._predict_backward is None else self._predict_backward(field)
-        return Case(subject, target, self.atlas_crop, target_crop, field,
-                    load_label_map(label_path).array, seconds, backward)
+        return Case(subject, target, target_crop, field, load_label_map(label_path).array,
+                    seconds)
 
     def labels(self, case: Case, field: np.ndarray, factor: int) -> np.ndarray:
         """Atlas labels on the scan's own grid through ``field`` (``(x, y, z, 3)`` at
@@ -123,8 +110,7 @@ def run_case(maker: CaseMaker, case: Case, settings: Optional[RefineSettings], t
     if settings is None:
         field, factor = case.network_field, case.target.grid.factor
     else:
-        refined = refine_field(case.atlas_crop, case.target_crop, case.network_field, settings,
-                               case.backward_field, maker.atlas_label_crop)
+        refined = maker.segmenter.refine_crop(case.network_field, case.target_crop, settings)
         field, factor = refined.field, refined.factor
     clock = time.perf_counter()
     labels = maker.labels(case, field, factor)
