@@ -110,8 +110,7 @@ def cmd_train(args):
 def cmd_segment(args):
     from tqdm import tqdm
 
-    from ltnet_keras.inference.cohort import (describe_result, optional_outputs, plan_cohort,
-                                              read_image_list)
+    from ltnet_keras.inference.cohort import optional_outputs, plan_cohort, read_image_list
     from ltnet_keras.inference.outputs import plan_output_paths
     if args.shard is not None and args.image_list is None:
         raise ValueError("--shard needs --image-list: every task of the array reads the same "
@@ -133,12 +132,13 @@ def cmd_segment(args):
             scan_outputs.fill_missing(images, plans)
             scan_outputs.rebuild(images, plans)
         return status
-    extras = optional_outputs(args.save_warped_atlas, args.save_field, args.save_aligned,
-                              args.save_brain_mask)
-    plans = plan_output_paths(args.image, args.out, args.overwrite, extras)
+    options = dict(save_warped_atlas=args.save_warped_atlas, save_field=args.save_field,
+                   save_aligned=args.save_aligned, save_brain_mask=args.save_brain_mask)
+    plans = plan_output_paths(args.image, args.out, args.overwrite, optional_outputs(**options))
     from ltnet_keras.inference.parallel import resolve_jobs
     if resolve_jobs(args.jobs, len(args.image)) > 1:
-        return _segment_batch(args, make_segmenter, plans, scan_outputs)
+        return _segment_batch(args, make_segmenter, plans, options, scan_outputs)
+    from ltnet_keras.inference.scan_job import segment_and_write
     segmenter = make_segmenter()
     # Every scan is read and checked before the first output is written, so a bad file in a
     # batch leaves no partial results behind (each scan is read once more to segment it).
@@ -146,21 +146,14 @@ def cmd_segment(args):
         segmenter.prepare(image)
     for image, paths in tqdm(list(zip(args.image, plans)), desc="segment",
                              disable=len(args.image) < 2):
-        result = segmenter.segment_to_files(image, args.out, args.save_warped_atlas,
-                                            args.save_field, args.save_aligned, paths=paths,
-                                            save_brain_mask=args.save_brain_mask)
-        if scan_outputs.wanted:
-            scan_outputs.write(image, paths, result)
-        tqdm.write(describe_result(image, paths["labels"], result))
+        tqdm.write(segment_and_write(segmenter, image, paths, options, scan_outputs))
     if scan_outputs.wanted:
         scan_outputs.rebuild(args.image, plans)
 
 
-def _segment_batch(args, make_segmenter, plans, scan_outputs):
+def _segment_batch(args, make_segmenter, plans, options, scan_outputs):
     """``--image`` scans with ``--jobs``: worker processes, checked first as in one process."""
     from ltnet_keras.inference.parallel import CohortStopped, segment_batch_in_workers
-    options = dict(save_warped_atlas=args.save_warped_atlas, save_field=args.save_field,
-                   save_aligned=args.save_aligned, save_brain_mask=args.save_brain_mask)
     try:
         segment_batch_in_workers(make_segmenter, list(zip(args.image, plans)), args.jobs,
                                  options, scan_outputs, lambda line: print(line, flush=True))

@@ -19,8 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from ltnet_keras.data.errors import VolumeError
 from ltnet_keras.inference.outputs import plan_output_paths
-from ltnet_keras.inference.scan_job import (describe_result, failure_reason,  # noqa: F401
-                                            segment_and_write)
+from ltnet_keras.inference.scan_job import failure_reason, segment_and_write
 
 #: Exit status of ``ltnet segment`` when some scans of a cohort failed (2: refused up front).
 EXIT_SOME_FAILED = 1
