@@ -16,6 +16,8 @@ Signals (:func:`qc_signals`), on the grid the field was found on, at 2 mm:
 - ``alignment_ncc``: the affine alignment's similarity to the atlas (aligned scans);
 - ``atlas_disagreement``: with several atlases, the fraction of labelled voxels where they do
   not all agree.
+- ``inverse_consistency_mm``: with ``--refine-objective ltnet``, the mean length of the
+  forward-backward round trip (:mod:`ltnet_keras.inference.refine_cycle`).
 
 The model (:class:`QCModel`): per merged structure, a least-squares line from its NCC to its
 Dice; for the mean, a least-squares line from the few signals (of :data:`MEAN_FEATURES`) that
@@ -34,7 +36,8 @@ import numpy as np
 QC_SPACING = 2          # voxels of the field's grid per QC voxel (2 mm on a 1 mm grid)
 QC_WINDOW = 5           # local NCC window in QC voxels (~9 mm at 2 mm)
 MEAN_FEATURES = ("ncc_mean", "ncc_low", "sharpness_log_ratio", "sharpness_deviation",
-                 "empty_fraction", "folding_percent", "alignment_ncc", "atlas_disagreement")
+                 "empty_fraction", "folding_percent", "alignment_ncc", "atlas_disagreement",
+                 "inverse_consistency_mm")
 #: Below this (normalised intensity) a voxel of the scan counts as empty.
 EMPTY_LEVEL = 0.02
 MODEL_FILE = "qc_model.json"
