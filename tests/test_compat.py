@@ -48,6 +48,69 @@ def test_neurite_imports():
     import voxelmorph  # noqa: F401
 
 
+_DEFERRED_EXTRAS = """
+import sys
+import ltnet_keras
+import numpy as np
+import voxelmorph
+import neurite.tf.utils.vae as vae
+import neurite.py.plot as plot
+print(int("sklearn" in sys.modules), int("matplotlib.pyplot" in sys.modules))
+# neurite's PCA helper still works: the real scikit-learn loads on the first call.
+points = np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
+axis = vae.PCA(n_components=1).fit(points).components_[0]
+print(round(abs(float(axis[0])), 2), round(abs(float(axis[1])), 2))
+import sklearn.decomposition
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+print(int(type(sklearn.decomposition).__name__ == "module"), int(plot.plt.figure is plt.figure))
+"""
+
+
+def test_neurite_loads_without_its_unused_extras_and_gets_them_on_first_use():
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", _DEFERRED_EXTRAS], capture_output=True,
+                         text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), check=True)
+    lines = out.stdout.split("\n")
+    assert lines[0] == "0 0"          # neither scikit-learn nor pyplot loaded with voxelmorph
+    assert lines[1] == "0.71 0.71"    # the first principal axis of points along the diagonal
+    assert lines[2] == "1 1"          # later imports are the real modules, shared with neurite
+
+
+def test_stand_ins_leave_already_imported_modules_and_clean_up():
+    before = sys.modules["os"]
+    with _compat.stand_ins(("os", "ltnet_test_absent_module")):
+        assert sys.modules["os"] is before
+        stand_in = sys.modules["ltnet_test_absent_module"]
+        factory = stand_in.anything
+        assert callable(factory)
+    assert "ltnet_test_absent_module" not in sys.modules
+    with pytest.raises(ModuleNotFoundError, match="ltnet_test_absent_module"):
+        factory()
+    with pytest.raises(ModuleNotFoundError, match="ltnet_test_absent_module"):
+        stand_in.anything
+
+
+def test_generator_built_without_autograph_computes_what_voxelmorph_builds():
+    import tensorflow as tf
+    import voxelmorph as vxm
+    from ltnet_keras.config import NetworkConfig
+    from ltnet_keras.models.generators import make_generator
+    network = NetworkConfig(enc_features=(8, 8), dec_features=(8, 8, 8))
+    ours = make_generator((16, 16, 16), network, "ours")
+    dense = vxm.networks.VxmDense((16, 16, 16), [[8, 8], [8, 8, 8]], int_steps=0)
+    reference = tf.keras.Model(dense.inputs, dense.references.pos_flow)
+    rng = np.random.default_rng(1)
+    reference.set_weights([rng.normal(0, 0.1, w.shape).astype(np.float32)
+                           for w in reference.get_weights()])
+    ours.set_weights(reference.get_weights())
+    pair = [rng.random((1, 16, 16, 16, 1), dtype=np.float32) for _ in range(2)]
+    expected = reference(pair).numpy()
+    assert float(np.abs(expected).max()) > 1e-3
+    np.testing.assert_allclose(ours(pair).numpy(), expected, atol=1e-6)
+
+
 def test_tf_keras_is_keras_2():
     import tensorflow as tf
     assert os.environ["TF_USE_LEGACY_KERAS"] == "1"
