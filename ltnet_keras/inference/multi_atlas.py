@@ -14,19 +14,16 @@ import numpy as np
 
 from ltnet_keras.data.align import Alignment, AlignmentCache, register_affine
 from ltnet_keras.data.atlas import _ncc
-from ltnet_keras.data.dataset import PreparedSubject
 from ltnet_keras.data.errors import VolumeError
 from ltnet_keras.data.io import find_subjects, subject_id
-from ltnet_keras.data.preprocess import GridSpec, normalise_intensity
-from ltnet_keras.inference.atlas_space import (compose, label_region, nonzero_box,
-                                               normalised_crop, ranking_similarity,
-                                               to_atlas_space_box)
+from ltnet_keras.data.preprocess import normalise_intensity
+from ltnet_keras.inference.atlas_space import compose, nonzero_box, ranking_similarity
 from ltnet_keras.inference.fusion import (FUSIONS, JointFusionSettings, fuse_atlases,
                                           majority_vote)
-from ltnet_keras.inference.outputs import output_paths
+from ltnet_keras.inference.outputs import output_paths, write_segmentation
 from ltnet_keras.inference.qc import atlas_disagreement
-from ltnet_keras.inference.segment import (Segmentation, Segmenter, check_field_of_view,
-                                           warp_image, write_segmentation)
+from ltnet_keras.inference.segment import (Segmentation, Segmenter, _add, check_field_of_view,
+                                           warp_image)
 
 
 def atlas_files(items: Sequence[str], data_root) -> List[Tuple[str, str]]:
@@ -188,10 +185,13 @@ class MultiAtlasSegmenter:
                 aligned = segmenter.alignment(scan)
                 for stage, value in aligned.seconds.items():
                     _add(seconds, stage, value)
-            labels, score, one = self._segment_one(segmenter, scan, aligned, scan_box,
-                                                   image_path, seconds, with_result=k == 0)
-            maps.append(labels)
-            similarity.append(score)
+            one, target_crop, factor = segmenter.segment_through(scan, aligned, scan_box,
+                                                                 image_path, seconds)
+            clock = time.perf_counter()
+            similarity.append(ranking_similarity(segmenter.atlas_crop, target_crop,
+                                                 one.network_field, factor))
+            _add(seconds, "rank", time.perf_counter() - clock)
+            maps.append(one.labels)
             result = result or one
         clock = time.perf_counter()
         order = sorted(range(len(maps)), key=lambda i: -np.nan_to_num(similarity[i], nan=-2))
@@ -210,51 +210,6 @@ class MultiAtlasSegmenter:
         result.labels = fused.astype(maps[0].dtype)
         return result
 
-    @staticmethod
-    def _segment_one(segmenter: Segmenter, scan, alignment: Alignment, scan_box, image_path,
-                     seconds: Dict[str, float], with_result: bool):
-        """One atlas' labels of ``scan`` on its grid, the atlas' ranking similarity and (if
-        ``with_result``) its :class:`Segmentation`; as ``Segmenter._segment_aligned`` but the
-        scan normalised once and resampled only in its box. Adds to ``seconds``."""
-        clock = time.perf_counter()
-        aligned, box = to_atlas_space_box(scan, alignment, scan_box, with_box=True)
-        data = segmenter.config.data
-        grid = segmenter._crop_window
-        if grid is None:   # a crop centred on the scan's brain: as prepare_volumes finds it
-            grid = GridSpec.centred_on(normalise_intensity(aligned.array, source=scan.path),
-                                       data.crop_shape, data.factor)
-        target_crop = normalised_crop(aligned.array, box, grid, source=scan.path)
-        target = PreparedSubject(subject_id(image_path), grid.downsample(target_crop, "image"),
-                                 None, grid, aligned.affine, str(image_path))
-        _add(seconds, "to_atlas_space", time.perf_counter() - clock)
-        clock = time.perf_counter()
-        field = np.asarray(segmenter.forward_field(target))
-        _add(seconds, "network", time.perf_counter() - clock)
-        factor, refined = data.factor, None
-        if segmenter.refine is not None:
-            refined = segmenter.refine_crop(field, target_crop)
-            field, factor = refined.field, refined.factor
-            _add(seconds, "refine", refined.seconds)
-        clock = time.perf_counter()
-        offset = (np.array(segmenter.atlas.grid.crop_start)
-                  - np.array(grid.crop_start)).astype(np.float32)
-        region = label_region(field, factor, grid.crop_start, offset, segmenter._labelled_box,
-                              segmenter.atlas_labels.shape)
-        labels = segmenter._labels_through(alignment, field, grid.crop_start, offset, factor,
-                                           region)
-        _add(seconds, "labels_to_scan_grid", time.perf_counter() - clock)
-        clock = time.perf_counter()
-        score = ranking_similarity(segmenter.atlas_crop, target_crop, field, factor)
-        _add(seconds, "rank", time.perf_counter() - clock)
-        if not with_result:
-            return labels, score, None
-        forward_field = segmenter._field_on_grid(field, tuple(grid.original_shape),
-                                                 np.array(grid.crop_start, np.int32),
-                                                 factor).numpy()
-        return labels, score, Segmentation(
-            target.subject, labels, scan.affine, scan.header, forward_field, offset, {},
-            alignment, aligned.array, network_field=field, refinement=refined)
-
     def segment_to_files(self, image_path, out_dir, save_warped_atlas=False, save_field=False,
                          save_aligned=False, paths: Optional[Dict[str, Path]] = None,
                          save_brain_mask=False) -> Segmentation:
@@ -264,7 +219,3 @@ class MultiAtlasSegmenter:
         write_segmentation(result, paths, self.atlas_image, self.atlas_volume.affine,
                            save_warped_atlas, save_field, save_aligned, save_brain_mask)
         return result
-
-
-def _add(seconds: Dict[str, float], stage: str, value: float) -> None:
-    seconds[stage] = seconds.get(stage, 0.0) + value

@@ -1,12 +1,17 @@
 """Where segmentation outputs go: one base name per scan (distinct over a batch or a cohort),
 the label map in the input's own format, and the optional outputs in sub-folders."""
+import json
 import os
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Sequence
 
+import numpy as np
+
 from ltnet_keras.data.errors import VolumeError
-from ltnet_keras.data.io import output_suffix, subject_id
+from ltnet_keras.data.io import output_suffix, save_volume, subject_id
+from ltnet_keras.records import atomic_write_text
 
 # Sub-folders of the output folder for the optional outputs of segment_to_files.
 WARPED_ATLAS_DIR = "warped_atlas"
@@ -75,3 +80,28 @@ def plan_output_paths(images, out_dir, overwrite=False,
         raise VolumeError(existing[0], f"output exists already ({len(existing)} of the outputs "
                                        "do); pass --overwrite to replace them")
     return plans
+
+
+def write_segmentation(result, paths: Dict[str, Path], atlas_image, atlas_affine,
+                       save_warped_atlas=False, save_field=False, save_aligned=False,
+                       save_brain_mask=False) -> None:
+    """Write a :class:`~ltnet_keras.inference.segment.Segmentation`'s label map and, if asked, the warped atlas, the forward field, the
+    aligned scan (see :meth:`Segmenter.segment_to_files`) and, for a whole-head scan, its brain
+    mask (uint8, the scan's grid); adds ``write`` to its seconds."""
+    from ltnet_keras.inference.transfer import warp_image
+    clock = time.perf_counter()
+    save_volume(result.labels, paths["labels"], result.affine, result.header)
+    # With an alignment, the field and the warped atlas live on the atlas grid.
+    field_affine = result.affine if result.alignment is None else atlas_affine
+    if save_warped_atlas:
+        save_volume(warp_image(atlas_image, result.sampling_positions), paths["warped_atlas"],
+                    field_affine)
+    if save_field:
+        save_volume(result.forward_field, paths["forward_field"], field_affine)
+    if save_brain_mask and result.brain is not None:
+        save_volume(result.brain.mask.astype(np.uint8), paths["brain_mask"], result.affine,
+                    result.header)
+    if save_aligned and result.alignment is not None:
+        save_volume(result.aligned_image, paths["aligned"], atlas_affine)
+        atomic_write_text(paths["alignment"], json.dumps(result.alignment.to_dict(), indent=2))
+    result.seconds["write"] = time.perf_counter() - clock

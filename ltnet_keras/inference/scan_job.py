@@ -9,7 +9,7 @@ from typing import Dict
 
 from ltnet_keras.data.errors import VolumeError
 from ltnet_keras.data.io import output_suffix
-from ltnet_keras.inference.segment import write_segmentation
+from ltnet_keras.inference.outputs import write_segmentation
 
 
 def _partial_name(final: Path, image, tag: str) -> Path:

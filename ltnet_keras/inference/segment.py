@@ -19,16 +19,18 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from ltnet_keras.data.align import (Alignment, AlignmentCache, RegistrationSettings,
-                               check_align_mode, load_ants, register_affine, to_atlas_space)
+                                    check_align_mode, load_ants, register_affine)
 from ltnet_keras.config import load_config
 from ltnet_keras.data.alignment_check import AlignmentChecker
 from ltnet_keras.data.dataset import PreparedSubject, prepare_volumes
 from ltnet_keras.data.errors import VolumeError
-from ltnet_keras.data.io import Volume, load_subject, save_volume, subject_id
+from ltnet_keras.data.io import Volume, load_subject, subject_id
 from ltnet_keras.data.labels import LabelTable
-from ltnet_keras.data.preprocess import brain_bbox
+from ltnet_keras.data.preprocess import GridSpec, brain_bbox, normalise_intensity
 from ltnet_keras.data.skull import BrainExtraction, BrainFinder, default_brain_finder
-from ltnet_keras.inference.outputs import output_paths
+from ltnet_keras.inference.atlas_space import (label_region, nonzero_box, normalised_crop,
+                                               to_atlas_space_box)
+from ltnet_keras.inference.outputs import output_paths, write_segmentation
 from ltnet_keras.inference.refine import (RefineResult, RefineSettings, crop_image,
                                           refine_field)
 from ltnet_keras.inference.refine_cycle import BackwardStart
@@ -353,31 +355,50 @@ class Segmenter:
         clock = time.perf_counter()
         scan, brain = self.brain_finder.read(image_path)
         check_field_of_view(scan, self.atlas_volume)
+        scan_box = nonzero_box(scan.array)
         seconds["read"] = time.perf_counter() - clock
-
         alignment = self.alignment(scan)
         seconds.update(alignment.seconds)
+        result, _, _ = self.segment_through(scan, alignment, scan_box, image_path, seconds)
+        result.brain = brain
+        return result, result.aligned_image
 
+    def segment_through(self, scan: Volume, alignment: Alignment, scan_box, image_path,
+                        seconds: Dict[str, float]) -> Tuple[Segmentation, np.ndarray, int]:
+        """A loaded scan's labels through ``alignment``, the scan resampled into atlas space
+        only where its non-zero ``scan_box`` lands (:mod:`.atlas_space`). Adds to ``seconds``;
+        returns the segmentation, the normalised crop and the factor of the field's grid."""
         clock = time.perf_counter()
-        aligned = to_atlas_space(scan, alignment)
+        aligned, box = to_atlas_space_box(scan, alignment, scan_box, with_box=True)
         data = self.config.data
-        target = prepare_volumes(aligned, None, data.crop_shape, data.factor,
-                                 subject_id(image_path), self._crop_window)
-        seconds["to_atlas_space"] = time.perf_counter() - clock
-
-        field, factor, refined = self.field_for(target, aligned.array, seconds)
+        grid = self._crop_window
+        if grid is None:   # a crop centred on the scan's brain: as prepare_volumes finds it
+            grid = GridSpec.centred_on(normalise_intensity(aligned.array, source=scan.path),
+                                       data.crop_shape, data.factor)
+        target_crop = normalised_crop(aligned.array, box, grid, source=scan.path)
+        target = PreparedSubject(subject_id(image_path), grid.downsample(target_crop, "image"),
+                                 None, grid, aligned.affine, str(image_path))
+        _add(seconds, "to_atlas_space", time.perf_counter() - clock)
+        clock = time.perf_counter()
+        field, factor, refined = np.asarray(self.forward_field(target)), data.factor, None
+        _add(seconds, "network", time.perf_counter() - clock)
+        if self.refine is not None:
+            refined = self.refine_crop(field, target_crop)
+            field, factor = refined.field, refined.factor
+            _add(seconds, "refine", refined.seconds)
         clock = time.perf_counter()
         offset = (np.array(self.atlas.grid.crop_start)
-                  - np.array(target.grid.crop_start)).astype(np.float32)
-        forward_field = self._field_on_grid(field, tuple(target.grid.original_shape),
-                                            np.array(target.grid.crop_start, np.int32),
-                                            factor).numpy()
-        labels = self._labels_through(alignment, field, target.grid.crop_start, offset, factor)
-        seconds["labels_to_scan_grid"] = time.perf_counter() - clock
+                  - np.array(grid.crop_start)).astype(np.float32)
+        region = label_region(field, factor, grid.crop_start, offset, self._labelled_box,
+                              self.atlas_labels.shape)
+        labels = self._labels_through(alignment, field, grid.crop_start, offset, factor, region)
+        forward_field = self._field_on_grid(field, tuple(grid.original_shape),
+                                            np.array(grid.crop_start, np.int32), factor).numpy()
+        _add(seconds, "labels_to_scan_grid", time.perf_counter() - clock)
         return Segmentation(target.subject, labels.astype(self.atlas_labels.dtype),
                             scan.affine, scan.header, forward_field, offset, seconds,
-                            alignment, aligned.array, network_field=field, refinement=refined,
-                            brain=brain), aligned.array
+                            alignment, aligned.array, network_field=field,
+                            refinement=refined), target_crop, factor
 
     def _labels_through(self, alignment: Alignment, field_network, crop_start,
                         offset, factor, region=None) -> np.ndarray:
@@ -425,26 +446,5 @@ class Segmenter:
         return result
 
 
-def write_segmentation(result: Segmentation, paths: Dict[str, Path], atlas_image, atlas_affine,
-                       save_warped_atlas=False, save_field=False, save_aligned=False,
-                       save_brain_mask=False) -> None:
-    """Write a result's label map and, if asked, the warped atlas, the forward field, the
-    aligned scan (see :meth:`Segmenter.segment_to_files`) and, for a whole-head scan, its brain
-    mask (uint8, the scan's grid); adds ``write`` to its seconds."""
-    clock = time.perf_counter()
-    save_volume(result.labels, paths["labels"], result.affine, result.header)
-    # With an alignment, the field and the warped atlas live on the atlas grid.
-    field_affine = result.affine if result.alignment is None else atlas_affine
-    if save_warped_atlas:
-        save_volume(warp_image(atlas_image, result.sampling_positions), paths["warped_atlas"],
-                    field_affine)
-    if save_field:
-        save_volume(result.forward_field, paths["forward_field"], field_affine)
-    if save_brain_mask and result.brain is not None:
-        save_volume(result.brain.mask.astype(np.uint8), paths["brain_mask"], result.affine,
-                    result.header)
-    if save_aligned and result.alignment is not None:
-        save_volume(result.aligned_image, paths["aligned"], atlas_affine)
-        from ltnet_keras.records import atomic_write_text
-        atomic_write_text(paths["alignment"], json.dumps(result.alignment.to_dict(), indent=2))
-    result.seconds["write"] = time.perf_counter() - clock
+def _add(seconds: Dict[str, float], stage: str, value: float) -> None:
+    seconds[stage] = seconds.get(stage, 0.0) + value

@@ -125,11 +125,28 @@ def test_normalised_crop_equals_normalising_the_whole_grid(whole):
         assert np.count_nonzero(got == 1.0) == np.count_nonzero(expected == 1.0)
 
 
+def _whole_grid_labels(segmenter, scan, alignment):
+    """The aligned path done the straightforward way: the whole scan resampled onto the atlas
+    grid, normalised over the whole grid, G_F, and every label look-up of the scan's grid
+    bounded only by the largest displacement."""
+    from ltnet_keras.data.dataset import prepare_volumes
+    data = segmenter.config.data
+    aligned = to_atlas_space(scan, alignment)
+    target = prepare_volumes(aligned, None, data.crop_shape, data.factor, "scan",
+                             segmenter._crop_window)
+    field = np.asarray(segmenter.forward_field(target))
+    offset = (np.array(segmenter.atlas.grid.crop_start)
+              - np.array(target.grid.crop_start)).astype(np.float32)
+    return segmenter._labels_through(alignment, field, target.grid.crop_start, offset,
+                                     data.factor), field
+
+
 @pytest.mark.slow
-def test_fast_path_with_one_atlas_gives_the_single_atlas_labels(lpba40_root):
-    """One atlas, one fixed alignment (no ANTs): the fast path (box resampling, normalising
-    the crop only) gives the label map of ``Segmenter.segment``; two atlases give the vote of
-    their maps in the ranked order."""
+def test_aligned_path_gives_the_whole_grid_labels_and_one_atlas_fast_path_the_same(lpba40_root):
+    """One fixed alignment (no ANTs): ``Segmenter.segment`` (the scan resampled and normalised
+    only in its box, labels looked up only in the region the field can carry) gives the label
+    map of the whole-grid computation, and the multi-atlas path with that one atlas the same;
+    two atlases give the vote of their maps in the ranked order."""
     from pathlib import Path
 
     from ltnet_keras.data.io import load_image
@@ -156,8 +173,12 @@ def test_fast_path_with_one_atlas_gives_the_single_atlas_labels(lpba40_root):
                               similarity=0.9)
         segmenter.alignment = lambda _scan, alignment=alignment: alignment
     single = segmenters[0].segment(scan_path)
+    expected, field = _whole_grid_labels(segmenters[0], scan, segmenters[0].alignment(scan))
+    assert single.labels.dtype == segmenters[0].atlas_labels.dtype
+    assert np.count_nonzero(expected) > 100_000
+    np.testing.assert_array_equal(single.labels, expected)
+    np.testing.assert_allclose(single.network_field, field, rtol=0, atol=1e-4)
     fast = MultiAtlasSegmenter.from_segmenters(segmenters[:1]).segment(scan_path)
-    assert fast.labels.dtype == single.labels.dtype
     np.testing.assert_array_equal(fast.labels, single.labels)
     np.testing.assert_allclose(fast.forward_field, single.forward_field, rtol=0, atol=1e-4)
     # Two atlases, each with its own (given) alignment: the vote of the maps in ranked order.
