@@ -225,6 +225,7 @@ def _choose_start(fixed: Volume, moving: Volume, fine: Tuple[Volume, Volume], se
                 result = ants.registration(
                     _to_ants(fixed), _to_ants(moving), type_of_transform="Rigid",
                     initial_transform=[_write_ants_affine(start, folder)],
+                    outprefix=os.path.join(folder, f"start_{turn}_"),
                     aff_metric=settings.metric, aff_sampling=32,
                     aff_random_sampling_rate=settings.sampling_rate,
                     aff_iterations=(START_ITERATIONS,), aff_shrink_factors=(1,),
@@ -278,6 +279,9 @@ def register_affine(scan: Volume, atlas: Volume, settings: Optional[Registration
                 result = ants.registration(
                     _to_ants(fixed_image), _to_ants(moving_image),
                     type_of_transform=settings.transform, initial_transform=initial,
+                    # Its own folder: antspyx globs the prefix's folder for the outputs, and
+                    # the default (the system's temporary folder) can hold thousands of files.
+                    outprefix=os.path.join(folder, "scan_to_atlas_"),
                     aff_metric=settings.metric, aff_sampling=32,
                     aff_random_sampling_rate=settings.sampling_rate,
                     aff_iterations=tuple(settings.iterations),

@@ -9,6 +9,7 @@ from typing import Sequence, Tuple
 import numpy as np
 from nibabel import orientations
 
+from ltnet_keras.data.errors import VolumeError
 from ltnet_keras.data.io import Volume
 
 __all__ = ["axis_codes", "reorient", "voxel_map", "resample", "resample_volume", "voxel_sizes",
@@ -127,3 +128,28 @@ def registration_image(volume: Volume, codes: Sequence[str], spacing: float) -> 
         return Volume(_block_mean(reoriented.array, factors), straight, None, volume.path)
     smoothed = Volume(_smooth_for(spacing, reoriented), reoriented.affine, None, volume.path)
     return resample_volume(smoothed, shape, straight, "image")
+
+
+# A scan is refused when, along any world axis, it covers less than this fraction of the
+# atlas' field of view: the network was trained on whole heads cropped to the atlas' extent,
+# and a slab or a thumbnail cannot be registered to it (it would still get a label map, made
+# of atlas labels warped into padding). Whole-head scans of any usual resolution pass.
+MIN_FIELD_OF_VIEW_FRACTION = 0.5
+
+
+def check_field_of_view(image: Volume, atlas: Volume) -> None:
+    """Refuse a scan that covers less than :data:`MIN_FIELD_OF_VIEW_FRACTION` of the atlas'
+    field of view along a world axis; the message gives both shapes, voxel sizes and fields
+    of view (mm)."""
+    fov, atlas_fov = np.array(image.field_of_view), np.array(atlas.field_of_view)
+    short = fov < MIN_FIELD_OF_VIEW_FRACTION * atlas_fov
+    if short.any():
+        def describe(volume, extent):
+            size = " x ".join(f"{v:.3g}" for v in volume.voxel_size)
+            return (f"shape {volume.shape}, voxel size {size} mm, field of view "
+                    + " x ".join(f"{v:.1f}" for v in extent) + " mm")
+        axes = ", ".join("xyz"[axis] for axis in np.flatnonzero(short))
+        raise VolumeError(image.path, f"the scan is too small for this run: {describe(image, fov)}"
+                                      f" covers less than {MIN_FIELD_OF_VIEW_FRACTION:g} of the "
+                                      f"atlas' field of view along world axis {axes} (atlas "
+                                      f"{atlas.path}: {describe(atlas, atlas_fov)})")

@@ -15,6 +15,7 @@ import numpy as np
 from ltnet_keras.data.align import Alignment, AlignmentCache, register_affine
 from ltnet_keras.data.atlas import _ncc
 from ltnet_keras.data.errors import VolumeError
+from ltnet_keras.data.grids import check_field_of_view
 from ltnet_keras.data.io import find_subjects, subject_id
 from ltnet_keras.data.preprocess import normalise_intensity
 from ltnet_keras.inference.atlas_space import compose, nonzero_box, ranking_similarity
@@ -22,8 +23,7 @@ from ltnet_keras.inference.fusion import (FUSIONS, JointFusionSettings, fuse_atl
                                           majority_vote)
 from ltnet_keras.inference.outputs import output_paths, write_segmentation
 from ltnet_keras.inference.qc import atlas_disagreement
-from ltnet_keras.inference.segment import (Segmentation, Segmenter, _add, check_field_of_view,
-                                           warp_image)
+from ltnet_keras.inference.segment import Segmentation, Segmenter, _add, warp_image
 
 
 def atlas_files(items: Sequence[str], data_root) -> List[Tuple[str, str]]:

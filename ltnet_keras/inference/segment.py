@@ -14,7 +14,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
@@ -24,6 +24,7 @@ from ltnet_keras.config import load_config
 from ltnet_keras.data.alignment_check import AlignmentChecker
 from ltnet_keras.data.dataset import PreparedSubject, prepare_volumes
 from ltnet_keras.data.errors import VolumeError
+from ltnet_keras.data.grids import check_field_of_view
 from ltnet_keras.data.io import Volume, load_subject, subject_id
 from ltnet_keras.data.labels import LabelTable
 from ltnet_keras.data.preprocess import GridSpec, brain_bbox, normalise_intensity
@@ -38,25 +39,20 @@ from ltnet_keras.inference.transfer import (_check_method, field_at_points,  # n
                                             field_to_grid, sampling_grid, warp_image,
                                             warp_label_map, warp_labels_tf)
 
-# A scan is refused when, along any world axis, it covers less than this fraction of the
-# atlas' field of view: the network was trained on whole heads cropped to the atlas' extent,
-# and a slab or a thumbnail cannot be registered to it (it would still get a label map, made
-# of atlas labels warped into padding). Whole-head scans of any usual resolution pass.
-MIN_FIELD_OF_VIEW_FRACTION = 0.5
-
-
 @dataclass
 class Segmentation:
     """One scan's result: ``labels`` on its own grid ``(X, Y, Z)`` with its affine and header.
 
     ``forward_field`` ``(x', y', z', 3)`` lives where G_F ran: the scan's own grid, or with an
     ``alignment`` the atlas grid, where ``aligned_image`` is the scan moved into atlas space.
+    ``field_source``: its values, or a function giving them on first use (on a 256^3 grid the
+    field is 200 MB and ~0.6 s, wanted only by ``--save-field``, the warped atlas and QC).
     """
     subject: str
     labels: np.ndarray
     affine: np.ndarray
     header: object
-    forward_field: np.ndarray
+    field_source: Union[np.ndarray, Callable[[], np.ndarray]]
     atlas_offset: np.ndarray
     seconds: Dict[str, float] = field(default_factory=dict)
     alignment: Optional[Alignment] = None
@@ -72,30 +68,18 @@ class Segmentation:
     signals: Dict[str, float] = field(default_factory=dict)
 
     @property
+    def forward_field(self) -> np.ndarray:
+        if callable(self.field_source):
+            self.field_source = np.asarray(self.field_source())
+        return self.field_source
+
+    @property
     def sampling_positions(self) -> np.ndarray:
         """``(x', y', z', 3)``: where each voxel of the forward field's grid samples the atlas
         (atlas voxels)."""
         grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float32)
                                       for n in self.forward_field.shape[:3]], indexing="ij"), -1)
         return grid + self.forward_field + self.atlas_offset
-
-
-def check_field_of_view(image: Volume, atlas: Volume) -> None:
-    """Refuse a scan that covers less than :data:`MIN_FIELD_OF_VIEW_FRACTION` of the atlas'
-    field of view along a world axis; the message gives both shapes, voxel sizes and fields
-    of view (mm)."""
-    fov, atlas_fov = np.array(image.field_of_view), np.array(atlas.field_of_view)
-    short = fov < MIN_FIELD_OF_VIEW_FRACTION * atlas_fov
-    if short.any():
-        def describe(volume, extent):
-            size = " x ".join(f"{v:.3g}" for v in volume.voxel_size)
-            return (f"shape {volume.shape}, voxel size {size} mm, field of view "
-                    + " x ".join(f"{v:.1f}" for v in extent) + " mm")
-        axes = ", ".join("xyz"[axis] for axis in np.flatnonzero(short))
-        raise VolumeError(image.path, f"the scan is too small for this run: {describe(image, fov)}"
-                                      f" covers less than {MIN_FIELD_OF_VIEW_FRACTION:g} of the "
-                                      f"atlas' field of view along world axis {axes} (atlas "
-                                      f"{atlas.path}: {describe(atlas, atlas_fov)})")
 
 
 def _recorded_atlas(record: dict, data) -> tuple:
@@ -392,8 +376,8 @@ class Segmenter:
         region = label_region(field, factor, grid.crop_start, offset, self._labelled_box,
                               self.atlas_labels.shape)
         labels = self._labels_through(alignment, field, grid.crop_start, offset, factor, region)
-        forward_field = self._field_on_grid(field, tuple(grid.original_shape),
-                                            np.array(grid.crop_start, np.int32), factor).numpy()
+        forward_field = functools.partial(self._field_on_grid, field, tuple(grid.original_shape),
+                                          np.array(grid.crop_start, np.int32), factor)
         _add(seconds, "labels_to_scan_grid", time.perf_counter() - clock)
         return Segmentation(target.subject, labels.astype(self.atlas_labels.dtype),
                             scan.affine, scan.header, forward_field, offset, seconds,
