@@ -186,6 +186,9 @@ def _scan_outputs(args):
 
 
 def _make_segmenter(args):
+    # TensorFlow starts here, where a process first needs it: with --jobs the parent only
+    # hands out scans, and its own start-up (~3 s) would come before every worker's.
+    start_tensorflow_quietly()
     from ltnet_keras.inference.segment import Segmenter
     from ltnet_keras.data.skull import default_brain_finder
     config_file = args.run / "config.yaml"
@@ -458,8 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-#: The commands that run networks; they start TensorFlow first, with its start-up log filtered.
-USES_TENSORFLOW = (cmd_train, cmd_segment)
+#: The commands that run networks; they start TensorFlow first, with its start-up log filtered
+#: (``segment`` in :func:`_make_segmenter`, in the processes that segment).
+USES_TENSORFLOW = (cmd_train,)
 
 
 def main(argv=None) -> int:

@@ -199,6 +199,32 @@ def test_segment_from_a_fresh_shell_prints_no_tensorflow_log(lpba40_root, tmp_pa
     assert (tmp_path / "seg" / "S31.nii.gz").exists()
 
 
+_PARENT_OF_WORKERS = """
+import sys
+import ltnet_keras.inference.parallel as parallel
+from ltnet_keras import cli
+parallel.segment_batch_in_workers = lambda *args, **kwargs: print(
+    "tensorflow in the parent:", "tensorflow" in sys.modules)
+cli.main(sys.argv[1:])
+"""
+
+
+def test_segment_with_workers_leaves_tensorflow_to_them(lpba40_root, tmp_path):
+    """``--jobs 2``: the parent hands out scans and does not start TensorFlow itself (its ~3 s
+    would come before the workers' own start)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    run = Path(__file__).resolve().parents[1] / "results" / "recipe" / "voxelmorph"
+    images = [str(lpba40_root / "images" / f"{s}.nii.gz") for s in ("S31", "S32")]
+    done = subprocess.run([sys.executable, "-c", _PARENT_OF_WORKERS, "segment", "--run",
+                           str(run), "--align", "none", "--jobs", "2", "--out",
+                           str(tmp_path / "seg"), "--image", *images],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "tensorflow in the parent: False" in done.stdout, done.stdout + done.stderr
+
+
 def _segment_args(*extra):
     return cli.build_parser().parse_args(["segment", "--run", "r", "--image", "a.nii.gz",
                                           "--out", "o", *extra])
