@@ -38,7 +38,7 @@ from ltnet_keras.records import atomic_write_text, read_keyed_record
 
 __all__ = ["ALIGN_MODES", "check_align_mode", "axis_codes", "reorient", "voxel_map",
            "resample", "resample_volume", "zoom_grid", "Alignment", "RegistrationSettings",
-           "register_affine", "to_atlas_space", "AlignmentCache", "alignment_similarity"]
+           "register_affine", "RegistrationGrids", "to_atlas_space", "AlignmentCache", "alignment_similarity"]
 
 # RAS <-> LPS: ANTs/ITK physical points have x and y negated.
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -241,8 +241,28 @@ def _choose_start(fixed: Volume, moving: Volume, fine: Tuple[Volume, Volume], se
     return best, scores
 
 
+@dataclass(frozen=True)
+class RegistrationGrids:
+    """An atlas as every registration to it reads it: reoriented to its own axes (``codes``)
+    and down-sampled to the registration's ``spacing`` (``image``) and to the similarity's
+    grid (``fine``). A segmenter makes them once, not once per scan."""
+    codes: Tuple[str, ...]
+    spacing: float
+    image: Volume
+    fine: Volume
+
+    @classmethod
+    def of(cls, atlas: Volume, spacing: float) -> "RegistrationGrids":
+        codes = tuple(axis_codes(atlas.affine))
+        image = registration_image(atlas, codes, spacing)
+        fine = (image if spacing == SIMILARITY_SPACING else
+                registration_image(atlas, codes, SIMILARITY_SPACING))
+        return cls(codes, float(spacing), image, fine)
+
+
 def register_affine(scan: Volume, atlas: Volume, settings: Optional[RegistrationSettings] = None,
-                    search_start: bool = True) -> Alignment:
+                    search_start: bool = True,
+                    atlas_grids: Optional[RegistrationGrids] = None) -> Alignment:
     """Affine registration of ``scan`` (moving) to ``atlas`` (fixed) with ANTs.
 
     Both are reoriented to the atlas' axes and resampled to ``settings.spacing`` mm first: the
@@ -251,18 +271,22 @@ def register_affine(scan: Volume, atlas: Volume, settings: Optional[Registration
     half a turn about an axis when that fits clearly better (:func:`_choose_start`): heads far
     from the atlas' position, with other fields of view or with a header turned 180 degrees
     need no manual start (``search_start=False``: ANTs' start only, as before the search).
-    The result carries its :func:`alignment_similarity`.
+    The result carries its :func:`alignment_similarity`. ``atlas_grids``: the atlas' side
+    made ahead (:meth:`RegistrationGrids.of` the atlas at ``settings.spacing``).
     """
     ants = load_ants()
     settings = settings or RegistrationSettings()
     seconds = {}
     clock = time.perf_counter()
-    codes = axis_codes(atlas.affine)
-    fixed_image = registration_image(atlas, codes, settings.spacing)
+    atlas_grids = atlas_grids or RegistrationGrids.of(atlas, settings.spacing)
+    if atlas_grids.spacing != settings.spacing:
+        raise ValueError(f"the atlas' registration grids are at {atlas_grids.spacing} mm, the "
+                         f"registration at {settings.spacing} mm")
+    codes, fixed_image = atlas_grids.codes, atlas_grids.image
     moving_image = registration_image(scan, codes, settings.spacing)
     # The similarity's own grid, from the scans (not from a coarser registration grid's blur).
-    fine = ((fixed_image, moving_image) if settings.spacing == SIMILARITY_SPACING else
-            tuple(registration_image(v, codes, SIMILARITY_SPACING) for v in (atlas, scan)))
+    fine = (atlas_grids.fine, moving_image if settings.spacing == SIMILARITY_SPACING else
+            registration_image(scan, codes, SIMILARITY_SPACING))
     seconds["registration_resample"] = time.perf_counter() - clock
 
     try:

@@ -18,8 +18,9 @@ from typing import Callable, Dict, Optional, Tuple, Union
 
 import numpy as np
 
-from ltnet_keras.data.align import (Alignment, AlignmentCache, RegistrationSettings,
-                                    check_align_mode, load_ants, register_affine)
+from ltnet_keras.data.align import (Alignment, AlignmentCache, RegistrationGrids,
+                                    RegistrationSettings, check_align_mode, load_ants,
+                                    register_affine)
 from ltnet_keras.config import load_config
 from ltnet_keras.data.alignment_check import AlignmentChecker
 from ltnet_keras.data.dataset import PreparedSubject, prepare_volumes
@@ -329,7 +330,12 @@ class Segmenter:
         checked once per file: a poor match is refused or reported (``alignment_check``)."""
         cache, atlas = self.alignment_cache, self.atlas_volume
         return self.checker.checked(scan.path, lambda: cache.alignment(scan, atlas) if cache
-                                    else register_affine(scan, atlas, self.registration))
+                                    else register_affine(scan, atlas, self.registration,
+                                                         atlas_grids=self._atlas_grids))
+
+    @functools.cached_property
+    def _atlas_grids(self) -> RegistrationGrids:
+        return RegistrationGrids.of(self.atlas_volume, self.registration.spacing)
 
     def _segment_aligned(self, image_path) -> Tuple[Segmentation, np.ndarray]:
         """Register the scan to the atlas, run G_F in atlas space, and pull the atlas labels

@@ -216,6 +216,30 @@ def test_register_affine_recovers_a_known_move():
     assert difference.max() < 0.1, difference.max()
 
 
+def test_atlas_grids_made_ahead_give_the_same_registration():
+    atlas, _ = synthetic_volume(axis_affine(("L", "P", "S"), 2.0))
+    move = HeadMove(axis=(0.3, -0.5, 0.8), degrees=8.0, shift_mm=(6.0, -4.0, 3.0), scale=1.04,
+                    centre=tuple((atlas.affine @ [23.5, 23.5, 23.5, 1.0])[:3]))
+    shape, affine = conformed_grid(atlas, (56, 56, 56), spacing=2.0)
+    scan = Volume(move_volume(atlas, move.matrix, shape, affine).array, affine, None, "scan")
+    settings = RegistrationSettings(spacing=4.0, iterations=(30,), shrink_factors=(1,),
+                                    smoothing_sigmas=(0,), seed=1)
+    grids = align.RegistrationGrids.of(atlas, 4.0)
+    assert grids.image.shape == (12, 12, 12) and grids.fine.shape == (16, 16, 16)
+    ahead = align.register_affine(scan, atlas, settings, atlas_grids=grids)
+    plain = align.register_affine(scan, atlas, settings)
+    # the same up to ITK's multi-threaded sums (bit for bit on one thread)
+    brain = np.argwhere(atlas.array > 0)[::20]
+    points = np.c_[brain, np.ones(len(brain))] @ atlas.affine.T
+    difference = np.linalg.norm((points @ (ahead.atlas_to_scan - plain.atlas_to_scan).T)
+                                [:, :3], axis=1)
+    assert difference.max() < 0.1, difference.max()
+    assert ahead.similarity == pytest.approx(plain.similarity, abs=1e-3)
+    with pytest.raises(ValueError, match="at 3.0 mm, the registration at 4.0 mm"):
+        align.register_affine(scan, atlas, settings, atlas_grids=align.RegistrationGrids.of(
+            atlas, 3.0))
+
+
 def test_registration_settings_are_checked():
     with pytest.raises(ValueError, match="Affine, Rigid, Similarity"):
         RegistrationSettings(transform="SyN")
