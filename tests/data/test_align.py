@@ -225,7 +225,7 @@ def test_atlas_grids_made_ahead_give_the_same_registration():
     settings = RegistrationSettings(spacing=4.0, iterations=(30,), shrink_factors=(1,),
                                     smoothing_sigmas=(0,), seed=1)
     grids = align.RegistrationGrids.of(atlas, 4.0)
-    assert grids.image.shape == (12, 12, 12) and grids.fine.shape == (16, 16, 16)
+    assert grids.image.shape == (24, 24, 24) and grids.fine.shape == (32, 32, 32)
     ahead = align.register_affine(scan, atlas, settings, atlas_grids=grids)
     plain = align.register_affine(scan, atlas, settings)
     # the same up to ITK's multi-threaded sums (bit for bit on one thread)
