@@ -140,10 +140,12 @@ def cmd_segment(args):
         return _segment_batch(args, make_segmenter, plans, options, scan_outputs)
     from ltnet_keras.inference.scan_job import segment_and_write
     segmenter = make_segmenter()
-    # Every scan is read and checked before the first output is written, so a bad file in a
-    # batch leaves no partial results behind (each scan is read once more to segment it).
-    for image in tqdm(args.image, desc="check", disable=len(args.image) < 2):
-        segmenter.prepare(image)
+    # Every scan of a batch is read and checked before the first output is written, so a bad
+    # file leaves no partial results behind (each scan is read once more to segment it). One
+    # scan needs no separate check: segmenting it fails before anything is written.
+    if len(args.image) > 1:
+        for image in tqdm(args.image, desc="check"):
+            segmenter.prepare(image)
     for image, paths in tqdm(list(zip(args.image, plans)), desc="segment",
                              disable=len(args.image) < 2):
         tqdm.write(segment_and_write(segmenter, image, paths, options, scan_outputs))

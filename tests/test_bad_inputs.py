@@ -265,6 +265,19 @@ def test_segment_refuses_a_bad_scan_before_writing_anything(case, good_scan, tmp
             assert described in err
 
 
+@pytest.mark.parametrize("case", SEGMENT_BREAKERS)
+def test_segment_refuses_one_bad_scan_alone_before_writing_anything(case, good_scan, tmp_path,
+                                                                    capsys):
+    """One scan is not checked in a pass of its own: segmenting it refuses it just as early."""
+    bad = Path(shutil.copy(good_scan, tmp_path / "bad.nii.gz"))
+    SEGMENT_BREAKERS[case](bad)
+    out = tmp_path / "out"
+    code, printed, err = run_cli(capsys, *segment_args([bad], out, "--save-field",
+                                                       "--save-warped-atlas"))
+    assert_refused(code, err, "segment", bad)
+    assert not out.exists() and printed == ""
+
+
 @pytest.mark.slow
 def test_segment_same_file_names_in_two_folders_get_distinct_outputs(good_scan, lpba40_root,
                                                                       lpba40_table, tmp_path,

@@ -6,7 +6,7 @@ Numpy only (images are read with ``ltnet_keras.data.io``).
 """
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping
+from typing import Dict, List, Mapping, Tuple
 
 import numpy as np
 
@@ -138,3 +138,26 @@ def select_atlas_aligned(images, passes: int = 2, factor: int = 2) -> AtlasChoic
             break
         reference = choice.subject
     return choice
+
+
+def recorded_atlas_files(record: dict, data) -> Tuple[str, str]:
+    """The run's atlas files. Paths are recorded relative to the data root (``data.root``, else
+    ``$LTNET_DATA``): they are found under this machine's root. An absolute path (a record from
+    before, or an atlas outside the root) is used only when the root has no such subject, so an
+    old copy of the data elsewhere on the disk is never read instead of the root's."""
+    root = data.resolved_root()
+    image, labels = Path(record["image"]), Path(record["labels"])
+    if not image.is_absolute() and not labels.is_absolute():
+        image, labels = root / image, root / labels
+        if image.exists() and labels.exists():
+            return str(image), str(labels)
+    else:
+        from ltnet_keras.data.io import find_subjects
+        found = find_subjects(root).get(record["atlas"]) if root.is_dir() else None
+        if found is not None and found.label is not None:
+            return str(found.image), str(found.label)
+        if image.exists() and labels.exists():
+            return str(image), str(labels)
+    raise VolumeError(record["image"], f"atlas {record['atlas']} not found under the data root "
+                      f"{root}; set data.root / $LTNET_DATA, or pass --atlas-image and "
+                      "--atlas-labels")

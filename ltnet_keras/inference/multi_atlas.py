@@ -166,7 +166,7 @@ class MultiAtlasSegmenter:
         seconds: Dict[str, float] = {}
         first = self.segmenters[0]
         clock = time.perf_counter()
-        scan, brain = first.brain_finder.read(image_path)
+        scan, brain, _ = first.read_scan(image_path)
         for segmenter in self.segmenters:
             check_field_of_view(scan, segmenter.atlas_volume)
         scan_box = nonzero_box(scan.array)

@@ -23,6 +23,7 @@ from ltnet_keras.data.align import (Alignment, AlignmentCache, RegistrationGrids
                                     register_affine)
 from ltnet_keras.config import load_config
 from ltnet_keras.data.alignment_check import AlignmentChecker
+from ltnet_keras.data.atlas import recorded_atlas_files
 from ltnet_keras.data.dataset import PreparedSubject, prepare_volumes
 from ltnet_keras.data.errors import VolumeError
 from ltnet_keras.data.grids import check_field_of_view
@@ -83,27 +84,21 @@ class Segmentation:
         return grid + self.forward_field + self.atlas_offset
 
 
-def _recorded_atlas(record: dict, data) -> tuple:
-    """The run's atlas files. Paths are recorded relative to the data root (``data.root``, else
-    ``$LTNET_DATA``): they are found under this machine's root. An absolute path (a record from
-    before, or an atlas outside the root) is used only when the root has no such subject, so an
-    old copy of the data elsewhere on the disk is never read instead of the root's."""
-    root = data.resolved_root()
-    image, labels = Path(record["image"]), Path(record["labels"])
-    if not image.is_absolute() and not labels.is_absolute():
-        image, labels = root / image, root / labels
-        if image.exists() and labels.exists():
-            return str(image), str(labels)
-    else:
-        from ltnet_keras.data.io import find_subjects
-        found = find_subjects(root).get(record["atlas"]) if root.is_dir() else None
-        if found is not None and found.label is not None:
-            return str(found.image), str(found.label)
-        if image.exists() and labels.exists():
-            return str(image), str(labels)
-    raise VolumeError(record["image"], f"atlas {record['atlas']} not found under the data root "
-                      f"{root}; set data.root / $LTNET_DATA, or pass --atlas-image and "
-                      "--atlas-labels")
+class KeptScans:
+    """Values kept by path, each taken once, up to ``max_bytes`` in all (beyond: not kept)."""
+
+    def __init__(self, max_bytes: int = 1 << 29):
+        self.max_bytes, self.used, self.kept = max_bytes, 0, {}
+
+    def keep(self, path, value, nbytes: int) -> None:
+        if str(path) not in self.kept and self.used + nbytes <= self.max_bytes:
+            self.kept[str(path)] = (value, nbytes)
+            self.used += nbytes
+
+    def take(self, path):
+        value, nbytes = self.kept.pop(str(path), (None, 0))
+        self.used -= nbytes
+        return value
 
 
 # Scan voxels per call of the label transfer through an alignment: a fixed size compiles once
@@ -152,7 +147,7 @@ class Segmenter:
         self.protocol = LabelTable.from_tsv(tsv) if tsv.is_file() else self.table
         self.measure_qc = measure_qc
         if not (atlas_image and atlas_labels):
-            recorded_image, recorded_labels = _recorded_atlas(record, data)
+            recorded_image, recorded_labels = recorded_atlas_files(record, data)
             atlas_image = atlas_image or recorded_image
             atlas_labels = atlas_labels or recorded_labels
         atlas_volume, atlas_label_volume = load_subject(atlas_image, atlas_labels, self.table)
@@ -166,6 +161,8 @@ class Segmenter:
         first, stop = brain_bbox(self.atlas_labels > 0)
         self._labelled_box = (np.array(first, np.float64), np.array(stop, np.float64) - 1.0)
         self.refine = refine
+        #: What checking a batch read (:meth:`prepare`), kept for segmenting it.
+        self.checked_scans = KeptScans()
         # Whole-head scans are detected and their brain extracted (templates: the data root's
         # FreeSurfer subjects, or a `freesurfer` collection beside it) unless told otherwise.
         self.brain_finder = brain_finder or default_brain_finder(data.resolved_root())
@@ -228,11 +225,21 @@ class Segmenter:
         a scan too small for the atlas' field of view (:func:`check_field_of_view`); aligning,
         one that resembles the atlas too little once aligned (:meth:`alignment`).
         """
-        image, _ = self.brain_finder.read(image_path)
+        image, brain = self.brain_finder.read(image_path)
         prepared = self._prepare_loaded(image, image_path)
         if self.align == "affine":
             self.alignment(image)   # checked before any output is written, and kept
+        self.checked_scans.keep(image_path, (image, brain, prepared), image.array.nbytes)
         return prepared
+
+    def read_scan(self, image_path) -> Tuple[Volume, Optional[BrainExtraction], PreparedSubject]:
+        """A scan, its brain and its network input: as :meth:`prepare` made them (a batch's
+        check), or from the file."""
+        kept = self.checked_scans.take(image_path)
+        if kept is not None:
+            return kept
+        image, brain = self.brain_finder.read(image_path)
+        return image, brain, None
 
     def _prepare_loaded(self, image: Volume, image_path) -> PreparedSubject:
         check_field_of_view(image, self.atlas_volume)
@@ -306,8 +313,8 @@ class Segmenter:
         Returns the segmentation and the scan (its brain, for a whole head) as segmented."""
         seconds = {}
         clock = time.perf_counter()
-        image, brain = self.brain_finder.read(image_path)
-        target = self._prepare_loaded(image, image_path)
+        image, brain, target = self.read_scan(image_path)
+        target = target or self._prepare_loaded(image, image_path)
         seconds["read_prepare"] = time.perf_counter() - clock
 
         field, factor, refined = self.field_for(target, image.array, seconds)
@@ -343,7 +350,7 @@ class Segmenter:
         segmentation and the scan in atlas space."""
         seconds = {}
         clock = time.perf_counter()
-        scan, brain = self.brain_finder.read(image_path)
+        scan, brain, _ = self.read_scan(image_path)
         check_field_of_view(scan, self.atlas_volume)
         scan_box = nonzero_box(scan.array)
         seconds["read"] = time.perf_counter() - clock

@@ -1,4 +1,5 @@
 """Segmentation: the label warp of Eq. (2), the image warp, and Segmenter / `ltnet segment`."""
+from pathlib import Path
 
 import ltnet_keras  # noqa: F401  (must precede TensorFlow)
 
@@ -145,6 +146,38 @@ def test_segmenter_nearest_and_linear_agree_mostly(trained_run, lpba40_root):
     assert linear.forward_field.shape == (160, 192, 160, 3)
     agreement = float(np.mean(linear.labels == nearest.labels))
     assert 0.9 < agreement, agreement
+
+
+def test_kept_scans_are_taken_once_and_within_their_bytes():
+    from ltnet_keras.inference.segment import KeptScans
+    kept = KeptScans(max_bytes=100)
+    kept.keep("a.nii.gz", "A", 60)
+    kept.keep("b.nii.gz", "B", 60)              # beyond the bytes: not kept
+    kept.keep(Path("a.nii.gz"), "A again", 10)   # the same path: the first stays
+    assert kept.used == 60
+    assert kept.take("b.nii.gz") is None
+    assert kept.take(Path("a.nii.gz")) == "A" and kept.used == 0
+    assert kept.take("a.nii.gz") is None
+    kept.keep("b.nii.gz", "B", 60)
+    assert kept.take("b.nii.gz") == "B"
+
+
+@pytest.mark.slow
+def test_a_checked_scan_is_segmented_without_reading_it_again(trained_run, lpba40_root,
+                                                                monkeypatch):
+    from ltnet_keras.inference.segment import Segmenter
+    image = lpba40_root / "images" / "S12.nii.gz"
+    segmenter = Segmenter(trained_run)
+    reference = segmenter.segment(image).labels
+    reads = []
+    original = segmenter.brain_finder.read
+    monkeypatch.setattr(segmenter.brain_finder, "read",
+                        lambda path: reads.append(path) or original(path))
+    segmenter.prepare(image)
+    np.testing.assert_array_equal(segmenter.segment(image).labels, reference)
+    assert len(reads) == 1 and segmenter.checked_scans.used == 0
+    segmenter.segment(image)                    # not checked: read from the file
+    assert len(reads) == 2
 
 
 @pytest.mark.parametrize("missing", ["forward_generator", "atlas.json", "config.yaml"])
