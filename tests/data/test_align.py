@@ -196,7 +196,8 @@ def test_register_affine_recovers_a_known_move():
                     centre=tuple((atlas.affine @ [23.5, 23.5, 23.5, 1.0])[:3]))
     shape, affine = conformed_grid(atlas, (56, 56, 56), spacing=2.0)
     scan = Volume(move_volume(atlas, move.matrix, shape, affine).array, affine, None, "scan")
-    settings = RegistrationSettings(spacing=2.0, iterations=(100, 50), seed=1)
+    settings = RegistrationSettings(spacing=2.0, iterations=(100, 50), shrink_factors=(2, 1),
+                                    smoothing_sigmas=(1, 0), seed=1)
     alignment = align.register_affine(scan, atlas, settings)
     # atlas_to_scan should be the move itself: compare where brain points land, in mm
     brain = np.argwhere(atlas.array > 0)[::20]
@@ -422,8 +423,9 @@ def test_exactly_reoriented_scan_gets_the_in_place_labels(segmenters, s31_in_pla
 def test_moved_mgz_scan_segments_like_the_unmoved_one(segmenters, s31_in_place, lpba40_root,
                                                       tmp_path):
     """A shipped scan moved in the scanner (8 deg, 7 mm, 4 %) and stored as FreeSurfer does
-    (256^3 LIA .mgz): aligned, it gives a .mgz on its own grid within 1 Dice point of the
-    unmoved scan segmented in place."""
+    (256^3 LIA .mgz): aligned, it gives a .mgz on its own grid no more than 1 Dice point
+    below the unmoved scan segmented in place (above is fine: the affine can place the scan
+    nearer the atlas than the common space did; the 6 mm budget gives +1.5 here)."""
     from ltnet_keras.data.io import load_subject
     from ltnet_keras.data.labels import LabelTable
     from ltnet_keras.evaluation import evaluate_pair
@@ -450,7 +452,7 @@ def test_moved_mgz_scan_segments_like_the_unmoved_one(segmenters, s31_in_place, 
 
     in_place_dice = evaluate_pair(s31_in_place.labels, labels.array, table).mean_structure
     assert in_place_dice > 0.65
-    assert abs(moved_dice - in_place_dice) < 0.01, (moved_dice, in_place_dice)
+    assert moved_dice > in_place_dice - 0.01, (moved_dice, in_place_dice)
 
 
 @pytest.mark.slow

@@ -19,7 +19,8 @@ from ltnet_keras.data.grids import axis_codes, registration_image
 from ltnet_keras.data.io import Volume, load_image, save_volume
 
 # A cheap registration of 2 mm LPBA40 volumes: a 4 mm grid and fewer iterations.
-QUICK = RegistrationSettings(spacing=4.0, iterations=(60, 15))
+QUICK = RegistrationSettings(spacing=4.0, iterations=(60, 15), shrink_factors=(2, 1),
+                             smoothing_sigmas=(1, 0))
 
 
 @pytest.fixture(scope="module")
