@@ -10,8 +10,8 @@
   start-up log (oneDNN notice, CUDA probe, absl preamble) stays out of the user's terminal.
 * Compiled XLA programs (refinement, label transfer) are kept on disk between processes
   (:func:`enable_xla_cache`), so a machine pays for compiling them once, not every process.
-* neurite imports scikit-learn and matplotlib's pyplot when it loads, for helpers ltnet never
-  calls; :func:`defer_neurite_extras` makes them load on neurite's first use instead (~0.7 s
+* neurite imports scikit-learn and matplotlib's plotting when it loads, for helpers ltnet never
+  calls; :func:`defer_neurite_extras` makes them load on neurite's first use instead (~0.8 s
   of every command that starts a network).
 """
 import contextlib
@@ -94,9 +94,9 @@ def enable_xla_cache():
 
 
 #: What neurite imports at start-up only for helpers ltnet does not use: scikit-learn's PCA
-#: (its VAE tools; scikit-learn with scipy.stats and joblib is ~0.5 s) and pyplot (its plots and
-#: callbacks, ~0.2 s).
-NEURITE_DEFERRED = ("sklearn.decomposition", "matplotlib.pyplot")
+#: (its VAE tools; scikit-learn with scipy.stats and joblib is ~0.5 s), pyplot and
+#: axes_grid1 (its plots and callbacks, ~0.3 s).
+NEURITE_DEFERRED = ("sklearn.decomposition", "matplotlib.pyplot", "mpl_toolkits.axes_grid1")
 
 
 class _DeferredAttribute:

@@ -55,7 +55,8 @@ import numpy as np
 import voxelmorph
 import neurite.tf.utils.vae as vae
 import neurite.py.plot as plot
-print(int("sklearn" in sys.modules), int("matplotlib.pyplot" in sys.modules))
+print(int("sklearn" in sys.modules), int("matplotlib.pyplot" in sys.modules),
+      int("mpl_toolkits.axes_grid1" in sys.modules))
 # neurite's PCA helper still works: the real scikit-learn loads on the first call.
 points = np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 2.0], [3.0, 3.0]])
 axis = vae.PCA(n_components=1).fit(points).components_[0]
@@ -64,7 +65,10 @@ import sklearn.decomposition
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from mpl_toolkits.axes_grid1 import make_axes_locatable
 print(int(type(sklearn.decomposition).__name__ == "module"), int(plot.plt.figure is plt.figure))
+divider = plot.make_axes_locatable(plt.figure().add_subplot())
+print(type(divider).__name__, int(type(divider) is type(make_axes_locatable(plt.gca()))))
 """
 
 
@@ -73,9 +77,10 @@ def test_neurite_loads_without_its_unused_extras_and_gets_them_on_first_use():
     out = subprocess.run([sys.executable, "-c", _DEFERRED_EXTRAS], capture_output=True,
                          text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), check=True)
     lines = out.stdout.split("\n")
-    assert lines[0] == "0 0"          # neither scikit-learn nor pyplot loaded with voxelmorph
+    assert lines[0] == "0 0 0"        # no scikit-learn, pyplot, axes_grid1 with voxelmorph
     assert lines[1] == "0.71 0.71"    # the first principal axis of points along the diagonal
     assert lines[2] == "1 1"          # later imports are the real modules, shared with neurite
+    assert lines[3] == "AxesDivider 1"   # neurite's make_axes_locatable is the real one
 
 
 def test_stand_ins_leave_already_imported_modules_and_clean_up():
