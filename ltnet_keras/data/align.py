@@ -114,7 +114,7 @@ class RegistrationSettings:
     needs: the affine only brings a scan near the atlas, G_F and refinement do the rest. A
     second level of 20 at 3 mm (the default before 2026-12-06, which the committed tables
     used) took 60 % of ANTs' time and moved no Dice: FreeSurfer validation 84.32 with it, 84.35
-    without, ANTs 4.9 -> 1.9 s a 256^3 scan (``benchmarks/alignment_budget.py``).
+    without, ANTs 4.8 -> 1.9 s a 256^3 scan (``benchmarks/alignment_budget.py``).
     """
     spacing: float = 3.0
     transform: str = "Affine"

@@ -190,18 +190,24 @@ def synthetic_volume(affine, seed=0):
     return Volume(image, affine, None, "atlas.nii.gz"), Volume(labels, affine, None, "atlas")
 
 
-def test_register_affine_recovers_a_known_move():
+def moved_synthetic_scan():
+    """A synthetic 2 mm atlas, a known move (8 deg, 8 mm, 4 %), the atlas moved by it onto
+    another grid, and brain points of the atlas (world mm, homogeneous) to compare maps on."""
     atlas, _ = synthetic_volume(axis_affine(("L", "P", "S"), 2.0))
     move = HeadMove(axis=(0.3, -0.5, 0.8), degrees=8.0, shift_mm=(6.0, -4.0, 3.0), scale=1.04,
                     centre=tuple((atlas.affine @ [23.5, 23.5, 23.5, 1.0])[:3]))
     shape, affine = conformed_grid(atlas, (56, 56, 56), spacing=2.0)
     scan = Volume(move_volume(atlas, move.matrix, shape, affine).array, affine, None, "scan")
+    brain = np.argwhere(atlas.array > 0)[::20]
+    return atlas, move, scan, np.c_[brain, np.ones(len(brain))] @ atlas.affine.T
+
+
+def test_register_affine_recovers_a_known_move():
+    atlas, move, scan, points = moved_synthetic_scan()
     settings = RegistrationSettings(spacing=2.0, iterations=(100, 50), shrink_factors=(2, 1),
                                     smoothing_sigmas=(1, 0), seed=1)
     alignment = align.register_affine(scan, atlas, settings)
     # atlas_to_scan should be the move itself: compare where brain points land, in mm
-    brain = np.argwhere(atlas.array > 0)[::20]
-    points = np.c_[brain, np.ones(len(brain))] @ atlas.affine.T
     error = np.linalg.norm((points @ alignment.atlas_to_scan.T - points @ move.matrix.T)[:, :3],
                            axis=1)
     assert error.mean() < 0.5 and error.max() < 1.5, (error.mean(), error.max())
@@ -218,11 +224,7 @@ def test_register_affine_recovers_a_known_move():
 
 
 def test_atlas_grids_made_ahead_give_the_same_registration():
-    atlas, _ = synthetic_volume(axis_affine(("L", "P", "S"), 2.0))
-    move = HeadMove(axis=(0.3, -0.5, 0.8), degrees=8.0, shift_mm=(6.0, -4.0, 3.0), scale=1.04,
-                    centre=tuple((atlas.affine @ [23.5, 23.5, 23.5, 1.0])[:3]))
-    shape, affine = conformed_grid(atlas, (56, 56, 56), spacing=2.0)
-    scan = Volume(move_volume(atlas, move.matrix, shape, affine).array, affine, None, "scan")
+    atlas, _, scan, points = moved_synthetic_scan()
     settings = RegistrationSettings(spacing=4.0, iterations=(30,), shrink_factors=(1,),
                                     smoothing_sigmas=(0,), seed=1)
     grids = align.RegistrationGrids.of(atlas, 4.0)
@@ -230,8 +232,6 @@ def test_atlas_grids_made_ahead_give_the_same_registration():
     ahead = align.register_affine(scan, atlas, settings, atlas_grids=grids)
     plain = align.register_affine(scan, atlas, settings)
     # the same up to ITK's multi-threaded sums (bit for bit on one thread)
-    brain = np.argwhere(atlas.array > 0)[::20]
-    points = np.c_[brain, np.ones(len(brain))] @ atlas.affine.T
     difference = np.linalg.norm((points @ (ahead.atlas_to_scan - plain.atlas_to_scan).T)
                                 [:, :3], axis=1)
     assert difference.max() < 0.1, difference.max()
