@@ -73,7 +73,8 @@ def main(argv=None):
                                                            for c in cases.values()),
                       "seconds": statistics.mean(c["seconds"] for c in cases.values())}
     first = next(iter(rows.values()))
-    lines = [f"# ANTs affine budget: {args.run.relative_to(REPO)}, validation {', '.join(subjects)}",
+    lines = [f"# ANTs affine budget: {args.run.relative_to(REPO)}, validation "
+             f"{', '.join(subjects)}",
              "", "| budget | Dice | vs first | ANTs s/scan | segment s/scan (this process) |",
              "|---|---|---|---|---|"]
     for name, row in rows.items():

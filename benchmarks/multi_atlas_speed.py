@@ -32,9 +32,12 @@ STAGES = {"read": ["read"],
           "labels_to_scan_grid": ["labels_to_scan_grid"], "rank+fusion": ["rank", "fusion"]}
 
 
-def atlases_for(subject, first):
-    """The run's atlas, then every other subject but the scan itself."""
-    return [first] + [s for s in SUBJECTS if s not in (first, subject)]
+def atlases_for(subject, first, include_self=False):
+    """The run's atlas, then every other subject but the scan itself (``include_self``: and the
+    scan's own labelled copy last, as ``--atlases`` with all five subjects does: a timing case,
+    its Dice flattered by the scan's own labels)."""
+    others = [s for s in SUBJECTS if s not in (first, subject)]
+    return [first] + others + ([subject] if include_self and subject != first else [])
 
 
 def stage_seconds(seconds):
@@ -56,6 +59,9 @@ def main(argv=None):
     parser.add_argument("--coarse-levels", default="8:40,4:30",
                         help="path 'coarse': the new path with the atlases after the first "
                              "refined on these levels only (FACTOR:STEPS,...)")
+    parser.add_argument("--include-self", action="store_true",
+                        help="each scan's own labelled copy as one more atlas (five atlases: the "
+                             "issue's timing case; its Dice is not a result)")
     parser.add_argument("--no-warmup", dest="warmup", action="store_false")
     parser.add_argument("--no-refine", dest="refine", action="store_false")
     parser.add_argument("--json", type=Path, help="write every measurement here as well")
@@ -72,7 +78,8 @@ def main(argv=None):
 
     first = json.loads((args.run / "atlas.json").read_text())["atlas"]
     table = LabelTable.from_tsv(args.data / "labels.tsv")
-    needed = sorted({a for s in args.subjects for a in atlases_for(s, first)})
+    needed = sorted({a for s in args.subjects
+                     for a in atlases_for(s, first, args.include_self)})
     clock = time.perf_counter()
     finder = default_brain_finder(args.data)
     pool = {}
@@ -96,7 +103,7 @@ def main(argv=None):
     def segmenter(subject, path):
         clock = time.perf_counter()
         chosen = [pool[a] if path != "coarse" or a == first else coarse[a]
-                  for a in atlases_for(subject, first)]
+                  for a in atlases_for(subject, first, args.include_self)]
         made = MultiAtlasSegmenter.from_segmenters(
             chosen, "majority", fast=path != "old",
             compose_alignments=path in ("new", "coarse"))
@@ -115,7 +122,7 @@ def main(argv=None):
           + f" {'total':>7} {'Dice':>6}  vote order", flush=True)
     for subject in args.subjects:
         truth = load_label_map(args.data / subject / "aseg.mgz").array
-        atlases = atlases_for(subject, first)
+        atlases = atlases_for(subject, first, args.include_self)
         fused, maps, orders = {}, {}, {}
         for path in args.paths:
             made, setup = segmenter(subject, path)

@@ -141,7 +141,7 @@ def cmd_segment(args):
     from ltnet_keras.inference.scan_job import segment_and_write
     segmenter = make_segmenter()
     # Every scan of a batch is read and checked before the first output is written, so a bad
-    # file leaves no partial results behind (each scan is read once more to segment it). One
+    # file leaves no partial results behind (what the check read is kept for segmenting). One
     # scan needs no separate check: segmenting it fails before anything is written.
     if len(args.image) > 1:
         for image in tqdm(args.image, desc="check"):

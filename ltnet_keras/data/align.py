@@ -38,7 +38,8 @@ from ltnet_keras.records import atomic_write_text, read_keyed_record
 
 __all__ = ["ALIGN_MODES", "check_align_mode", "axis_codes", "reorient", "voxel_map",
            "resample", "resample_volume", "zoom_grid", "Alignment", "RegistrationSettings",
-           "register_affine", "RegistrationGrids", "to_atlas_space", "AlignmentCache", "alignment_similarity"]
+           "register_affine", "RegistrationGrids", "to_atlas_space", "AlignmentCache",
+           "alignment_similarity"]
 
 # RAS <-> LPS: ANTs/ITK physical points have x and y negated.
 _RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])

@@ -23,7 +23,7 @@ from ltnet_keras.inference.fusion import (FUSIONS, JointFusionSettings, fuse_atl
                                           majority_vote)
 from ltnet_keras.inference.outputs import output_paths, write_segmentation
 from ltnet_keras.inference.qc import atlas_disagreement
-from ltnet_keras.inference.segment import Segmentation, Segmenter, _add, warp_image
+from ltnet_keras.inference.segment import Segmentation, Segmenter, add_seconds, warp_image
 
 
 def atlas_files(items: Sequence[str], data_root) -> List[Tuple[str, str]]:
@@ -180,17 +180,17 @@ class MultiAtlasSegmenter:
                 aligned = alignment
             elif self.compose_alignments:
                 aligned = compose(alignment, self._first_to_atlas[k])
-                _add(seconds, "atlas_alignment", time.perf_counter() - clock)
+                add_seconds(seconds, "atlas_alignment", time.perf_counter() - clock)
             else:
                 aligned = segmenter.alignment(scan)
                 for stage, value in aligned.seconds.items():
-                    _add(seconds, stage, value)
+                    add_seconds(seconds, stage, value)
             one, target_crop, factor = segmenter.segment_through(scan, aligned, scan_box,
                                                                  image_path, seconds)
             clock = time.perf_counter()
             similarity.append(ranking_similarity(segmenter.atlas_crop, target_crop,
                                                  one.network_field, factor))
-            _add(seconds, "rank", time.perf_counter() - clock)
+            add_seconds(seconds, "rank", time.perf_counter() - clock)
             maps.append(one.labels)
             result = result or one
         clock = time.perf_counter()

@@ -85,9 +85,10 @@ def plan_output_paths(images, out_dir, overwrite=False,
 def write_segmentation(result, paths: Dict[str, Path], atlas_image, atlas_affine,
                        save_warped_atlas=False, save_field=False, save_aligned=False,
                        save_brain_mask=False) -> None:
-    """Write a :class:`~ltnet_keras.inference.segment.Segmentation`'s label map and, if asked, the warped atlas, the forward field, the
-    aligned scan (see :meth:`Segmenter.segment_to_files`) and, for a whole-head scan, its brain
-    mask (uint8, the scan's grid); adds ``write`` to its seconds."""
+    """Write a :class:`~ltnet_keras.inference.segment.Segmentation`'s label map and, if asked,
+    the warped atlas, the forward field, the aligned scan (see
+    :meth:`Segmenter.segment_to_files`) and, for a whole-head scan, its brain mask (uint8, the
+    scan's grid); adds ``write`` to its seconds."""
     from ltnet_keras.inference.transfer import warp_image
     clock = time.perf_counter()
     save_volume(result.labels, paths["labels"], result.affine, result.header)

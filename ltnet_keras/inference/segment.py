@@ -375,14 +375,14 @@ class Segmenter:
         target_crop = normalised_crop(aligned.array, box, grid, source=scan.path)
         target = PreparedSubject(subject_id(image_path), grid.downsample(target_crop, "image"),
                                  None, grid, aligned.affine, str(image_path))
-        _add(seconds, "to_atlas_space", time.perf_counter() - clock)
+        add_seconds(seconds, "to_atlas_space", time.perf_counter() - clock)
         clock = time.perf_counter()
         field, factor, refined = np.asarray(self.forward_field(target)), data.factor, None
-        _add(seconds, "network", time.perf_counter() - clock)
+        add_seconds(seconds, "network", time.perf_counter() - clock)
         if self.refine is not None:
             refined = self.refine_crop(field, target_crop)
             field, factor = refined.field, refined.factor
-            _add(seconds, "refine", refined.seconds)
+            add_seconds(seconds, "refine", refined.seconds)
         clock = time.perf_counter()
         offset = (np.array(self.atlas.grid.crop_start)
                   - np.array(grid.crop_start)).astype(np.float32)
@@ -391,7 +391,7 @@ class Segmenter:
         labels = self._labels_through(alignment, field, grid.crop_start, offset, factor, region)
         forward_field = functools.partial(self._field_on_grid, field, tuple(grid.original_shape),
                                           np.array(grid.crop_start, np.int32), factor)
-        _add(seconds, "labels_to_scan_grid", time.perf_counter() - clock)
+        add_seconds(seconds, "labels_to_scan_grid", time.perf_counter() - clock)
         return Segmentation(target.subject, labels.astype(self.atlas_labels.dtype),
                             scan.affine, scan.header, forward_field, offset, seconds,
                             alignment, aligned.array, network_field=field,
@@ -443,5 +443,6 @@ class Segmenter:
         return result
 
 
-def _add(seconds: Dict[str, float], stage: str, value: float) -> None:
+def add_seconds(seconds: Dict[str, float], stage: str, value: float) -> None:
+    """Add ``value`` to ``seconds[stage]`` (a stage timed once per atlas adds up)."""
     seconds[stage] = seconds.get(stage, 0.0) + value
