@@ -145,7 +145,7 @@ def cmd_segment(args):
     # scan needs no separate check: segmenting it fails before anything is written.
     if len(args.image) > 1:
         for image in tqdm(args.image, desc="check"):
-            segmenter.prepare(image)
+            segmenter.prepare(image, keep=True)
     for image, paths in tqdm(list(zip(args.image, plans)), desc="segment",
                              disable=len(args.image) < 2):
         tqdm.write(segment_and_write(segmenter, image, paths, options, scan_outputs))

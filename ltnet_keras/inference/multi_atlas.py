@@ -123,8 +123,8 @@ class MultiAtlasSegmenter:
         return AlignmentCache(folder, cache.settings).alignment(first.atlas_volume,
                                                                 segmenter.atlas_volume)
 
-    def prepare(self, image_path):
-        return self.segmenters[0].prepare(image_path)
+    def prepare(self, image_path, keep: bool = False):
+        return self.segmenters[0].prepare(image_path, keep)
 
     def segment(self, image_path) -> Segmentation:
         """Every atlas' label map of the scan, fused; seconds are summed over the atlases,

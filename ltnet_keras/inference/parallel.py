@@ -151,7 +151,7 @@ def _worker(number: int, payload: bytes, inbox, outbox):
             index, kind, image, paths = task
             try:
                 if kind == "check":
-                    segmenter.prepare(image)
+                    segmenter.prepare(image, keep=True)
                     line = ""
                 else:
                     line = segment_and_write(segmenter, image, paths, options, scan_outputs)

@@ -218,8 +218,9 @@ class Segmenter:
         """``(x, y, z, 3)`` forward field (a tensor) on the network grid for a prepared scan."""
         return self._predict_field(target.image[None, ..., None])
 
-    def prepare(self, image_path) -> PreparedSubject:
-        """Read a scan, check that this run can segment it and put it on the network grid.
+    def prepare(self, image_path, keep: bool = False) -> PreparedSubject:
+        """Read a scan, check that this run can segment it and put it on the network grid;
+        ``keep``: what was read stays for :meth:`segment` (a batch's check pass).
 
         Refuses (VolumeError naming the file) what ``data.io`` refuses, a constant image, and
         a scan too small for the atlas' field of view (:func:`check_field_of_view`); aligning,
@@ -229,7 +230,8 @@ class Segmenter:
         prepared = self._prepare_loaded(image, image_path)
         if self.align == "affine":
             self.alignment(image)   # checked before any output is written, and kept
-        self.checked_scans.keep(image_path, (image, brain, prepared), image.array.nbytes)
+        if keep:
+            self.checked_scans.keep(image_path, (image, brain, prepared), image.array.nbytes)
         return prepared
 
     def read_scan(self, image_path) -> Tuple[Volume, Optional[BrainExtraction], PreparedSubject]:

@@ -173,11 +173,13 @@ def test_a_checked_scan_is_segmented_without_reading_it_again(trained_run, lpba4
     original = segmenter.brain_finder.read
     monkeypatch.setattr(segmenter.brain_finder, "read",
                         lambda path: reads.append(path) or original(path))
-    segmenter.prepare(image)
+    segmenter.prepare(image, keep=True)
     np.testing.assert_array_equal(segmenter.segment(image).labels, reference)
     assert len(reads) == 1 and segmenter.checked_scans.used == 0
     segmenter.segment(image)                    # not checked: read from the file
     assert len(reads) == 2
+    segmenter.prepare(image)                    # a check alone (a study's cases) keeps nothing
+    assert segmenter.checked_scans.used == 0
 
 
 @pytest.mark.parametrize("missing", ["forward_generator", "atlas.json", "config.yaml"])
