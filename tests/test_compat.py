@@ -116,6 +116,56 @@ def test_generator_built_without_autograph_computes_what_voxelmorph_builds():
     np.testing.assert_allclose(ours(pair).numpy(), expected, atol=1e-6)
 
 
+_CACHED_PROGRAM = """
+import sys
+import ltnet_keras
+from ltnet_keras._compat import start_tensorflow_quietly
+tf = start_tensorflow_quietly()
+def other_work(x):
+    return x + 1.0
+def sum_of_squares(x):
+    return tf.reduce_sum(x * x)
+if sys.argv[1] == "other-trace-first":
+    tf.function(other_work)(tf.constant(1.0))
+program = tf.function(sum_of_squares, jit_compile=True)
+print(float(program(tf.range(4, dtype=tf.float32))))
+"""
+
+
+def test_a_cached_program_is_found_whatever_the_process_traced_before(tmp_path):
+    """The persistent XLA cache keys programs by function name: with TensorFlow's process-wide
+    counter in the names, a process that traced one other function first missed every program
+    and stored it again. With names counted per function name it finds it: no new file."""
+    import subprocess
+    env = {k: v for k, v in os.environ.items() if k != "TF_XLA_FLAGS"}   # this process' cache
+    env.update(LTNET_XLA_CACHE=str(tmp_path / "xla"), TF_CPP_MIN_LOG_LEVEL="3")
+    files = []
+    for history in ("nothing-first", "other-trace-first", "nothing-first"):
+        out = subprocess.run([sys.executable, "-c", _CACHED_PROGRAM, history], env=env,
+                             capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "14.0"
+        files.append(sorted(p.name for p in (tmp_path / "xla").rglob("*.pb")))
+    assert len(files[0]) == 1
+    assert files[1] == files[0] and files[2] == files[0]
+
+
+def test_stable_names_count_per_name_and_stay_unique():
+    import tensorflow as tf
+    from tensorflow.python.eager.polymorphic_function import concrete_function
+    _compat.stable_function_names()
+    _compat.stable_function_names()                   # installing twice changes nothing
+    name = concrete_function._inference_name
+    assert name.stable
+    first, second = name("ltnet_test_fn"), name("ltnet_test_fn")
+    assert first.startswith("__inference_ltnet_test_fn_s") and first != second
+    assert int(second.rsplit("_s", 1)[1]) == int(first.rsplit("_s", 1)[1]) + 1
+    # a traced function gets such a name, and two traces of one Python function two names
+    square = tf.function(lambda x: x * x)
+    names = {square.get_concrete_function(tf.TensorSpec(shape, tf.float32)).name.decode()
+             for shape in ((2,), (3,))}
+    assert len(names) == 2 and all("_s" in n for n in names)
+
+
 def test_tf_keras_is_keras_2():
     import tensorflow as tf
     assert os.environ["TF_USE_LEGACY_KERAS"] == "1"

@@ -27,6 +27,7 @@ from typing import Optional, Tuple
 import numpy as np
 import tensorflow as tf
 
+from ltnet_keras._compat import stable_function_names
 from ltnet_keras.data.preprocess import normalise_intensity
 from ltnet_keras.models import trilinear
 from ltnet_keras.inference.refine_cycle import CycleWeights
@@ -223,6 +224,10 @@ def crop_image(image, grid) -> np.ndarray:
 
 
 # -------------------------------------------------------------------------- one level
+# The refinement's programs come from the XLA cache in any process, the Python API's too.
+stable_function_names()
+
+
 def _compiled(fn):
     return tf.function(fn, jit_compile=True, reduce_retracing=False, autograph=False)
 
