@@ -379,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs", type=_jobs_option, default=1, metavar="N",
                    help="segment N scans at once, in N worker processes with one thread "
                    "each (TensorFlow, ITK), each loading the run once; 'auto': one per usable "
-                   "core. Never more than the scans to do; same files as one process "
+                   "core, as many as the free memory holds at 3 GiB each. Never more than the "
+                   "scans to do; same files as one process "
                    "(default 1: one process using every core). With --shard the task's "
                    "share is split among its N workers")
     p.add_argument("--out", type=Path, required=True)

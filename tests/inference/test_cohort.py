@@ -323,12 +323,28 @@ def test_bad_jobs_is_a_usage_error(tmp_path, capsys, value, problem):
     assert f"--jobs {value!r}: {problem}" in capsys.readouterr().err
 
 
-def test_auto_jobs_is_the_usable_cores_capped_by_the_scans(monkeypatch):
+def test_auto_jobs_is_the_usable_cores_capped_by_the_scans_and_the_memory(monkeypatch):
     from ltnet_keras.inference import parallel
     monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {0, 3, 5})
+    monkeypatch.setattr(parallel, "available_memory_gib", lambda: 100.0)
     assert parallel.parse_jobs(" AUTO ") == "auto" and parallel.parse_jobs("4") == 4
     assert [parallel.resolve_jobs("auto", n) for n in (1, 2, 3, 9)] == [1, 2, 3, 3]
     assert parallel.resolve_jobs(4, 2) == 2 and parallel.resolve_jobs(1, 9) == 1
+    # 64 cores, 64 GiB free: as many workers as fit at 3 GiB each; too little memory: one
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: set(range(64)))
+    monkeypatch.setattr(parallel, "available_memory_gib", lambda: 64.0)
+    assert parallel.resolve_jobs("auto", 500) == 21
+    assert parallel.resolve_jobs(40, 500) == 40            # a number given is taken as it is
+    monkeypatch.setattr(parallel, "available_memory_gib", lambda: 2.0)
+    assert parallel.resolve_jobs("auto", 500) == 1
+    monkeypatch.setattr(parallel, "available_memory_gib", lambda: None)   # no /proc/meminfo
+    assert parallel.resolve_jobs("auto", 500) == 64
+
+
+def test_available_memory_is_read_from_meminfo():
+    from ltnet_keras.inference import parallel
+    memory = parallel.available_memory_gib()
+    assert memory is None or 0.1 < memory < 1e5
 
 
 class DyingSegmenter:
