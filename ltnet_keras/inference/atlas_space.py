@@ -33,15 +33,14 @@ def compose(scan_to_first: Alignment, first_to_atlas: Alignment) -> Alignment:
 
 
 def nonzero_box(array) -> Tuple[np.ndarray, np.ndarray]:
-    """``(start, stop)`` of the box holding every non-zero voxel (empty: both zero)."""
-    array = np.asarray(array)
-    start, stop = np.zeros(3, int), np.zeros(3, int)
-    for axis in range(3):
-        hit = np.flatnonzero(np.any(array != 0, axis=tuple(a for a in range(3) if a != axis)))
-        if hit.size == 0:
-            return np.zeros(3, int), np.zeros(3, int)
-        start[axis], stop[axis] = hit[0], hit[-1] + 1
-    return start, stop
+    """``(start, stop)`` of the box holding every non-zero voxel (empty: both zero):
+    :func:`~ltnet_keras.data.preprocess.brain_bbox` of the non-zero mask."""
+    from ltnet_keras.data.preprocess import brain_bbox
+    nonzero = np.asarray(array) != 0
+    if not nonzero.any():
+        return np.zeros(3, int), np.zeros(3, int)
+    start, stop = brain_bbox(nonzero)
+    return np.array(start), np.array(stop)
 
 
 def atlas_box(alignment: Alignment, scan_box) -> Tuple[np.ndarray, np.ndarray]:

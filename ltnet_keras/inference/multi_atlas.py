@@ -26,6 +26,13 @@ from ltnet_keras.inference.qc import atlas_disagreement
 from ltnet_keras.inference.segment import Segmentation, Segmenter, add_seconds, warp_image
 
 
+def _check_fusion(fusion: str, atlases: int) -> None:
+    if fusion not in FUSIONS:
+        raise ValueError(f"unknown fusion {fusion!r}; valid: {', '.join(FUSIONS)}")
+    if not atlases:
+        raise ValueError("at least one atlas is needed")
+
+
 def atlas_files(items: Sequence[str], data_root) -> List[Tuple[str, str]]:
     """``(image, labels)`` paths of each atlas a user names in one line: a subject id of the
     data root (``S13``: ``images/S13.*`` with ``labels/S13.*``) or ``IMAGE:LABELS``."""
@@ -61,10 +68,7 @@ class MultiAtlasSegmenter:
     def __init__(self, run_dir, atlases: Sequence[Tuple[str, str]], fusion: str = "majority",
                  jlf: Optional[JointFusionSettings] = None, fast: bool = True,
                  compose_alignments: bool = True, **segmenter_options):
-        if fusion not in FUSIONS:
-            raise ValueError(f"unknown fusion {fusion!r}; valid: {', '.join(FUSIONS)}")
-        if not atlases:
-            raise ValueError("at least one atlas is needed")
+        _check_fusion(fusion, len(atlases))   # before any atlas is loaded
         # QC signals are the first atlas' (plus the atlases' disagreement): one measurement.
         measure_qc = segmenter_options.pop("measure_qc", False)
         segmenters = []
@@ -81,10 +85,7 @@ class MultiAtlasSegmenter:
                         compose_alignments: bool = True) -> "MultiAtlasSegmenter":
         """Fuse segmenters already made (of one run, sharing one ``brain_finder``), e.g. one
         per atlas kept across scans whose atlas lists differ."""
-        if fusion not in FUSIONS:
-            raise ValueError(f"unknown fusion {fusion!r}; valid: {', '.join(FUSIONS)}")
-        if not segmenters:
-            raise ValueError("at least one atlas is needed")
+        _check_fusion(fusion, len(segmenters))
         self = cls.__new__(cls)
         self._setup(list(segmenters), fusion, jlf, fast, compose_alignments)
         return self

@@ -97,11 +97,10 @@ def resolve_jobs(jobs: Union[int, str], scans: int) -> int:
     """How many processes to run, never more than the scans: ``auto`` = the usable cores, and
     no more workers than the available memory holds at :data:`WORKER_MEMORY_GIB` each (a
     64-core node with 64 GiB gets 21, not 64)."""
-    wanted = int(jobs) if jobs != "auto" else usable_cores()
-    if jobs == "auto":
-        memory = available_memory_gib()
-        if memory is not None:
-            wanted = min(wanted, int(memory // WORKER_MEMORY_GIB))
+    wanted = usable_cores() if jobs == "auto" else int(jobs)
+    memory = available_memory_gib() if jobs == "auto" else None
+    if memory is not None:
+        wanted = min(wanted, int(memory // WORKER_MEMORY_GIB))
     return max(1, min(wanted, scans))
 
 

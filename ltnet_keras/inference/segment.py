@@ -249,19 +249,22 @@ class Segmenter:
         return prepare_volumes(image, None, data.crop_shape, data.factor,
                                subject_id(image_path), self._crop_window)
 
-    def field_for(self, target: PreparedSubject, image: np.ndarray, seconds: dict):
+    def field_for(self, target: PreparedSubject, image: Optional[np.ndarray], seconds: dict,
+                  target_crop: Optional[np.ndarray] = None):
         """The forward field labels are warped with, and its grid's factor on the crop: G_F's
-        on the network grid, refined on ``image`` (the scan at full resolution on the grid
-        ``target.grid`` maps back to) when this segmenter refines. Adds ``network`` (and
-        ``refine``) to ``seconds``."""
+        on the network grid, refined on ``target_crop`` (the scan's normalised crop; made from
+        ``image``, the scan at full resolution on the grid ``target.grid`` maps back to, when
+        not given) when this segmenter refines. Adds ``network`` (and ``refine``) to
+        ``seconds``; returns the field, its factor and the :class:`RefineResult` (or None)."""
         clock = time.perf_counter()
-        field_network = self.forward_field(target)
-        field_network = np.asarray(field_network)
-        seconds["network"] = time.perf_counter() - clock
+        field_network = np.asarray(self.forward_field(target))
+        add_seconds(seconds, "network", time.perf_counter() - clock)
         if self.refine is None:
             return field_network, self.config.data.factor, None
-        result = self.refine_crop(field_network, crop_image(image, target.grid))
-        seconds["refine"] = result.seconds
+        if target_crop is None:
+            target_crop = crop_image(image, target.grid)
+        result = self.refine_crop(field_network, target_crop)
+        add_seconds(seconds, "refine", result.seconds)
         return result.field, result.factor, result
 
     @functools.cached_property
@@ -378,13 +381,7 @@ class Segmenter:
         target = PreparedSubject(subject_id(image_path), grid.downsample(target_crop, "image"),
                                  None, grid, aligned.affine, str(image_path))
         add_seconds(seconds, "to_atlas_space", time.perf_counter() - clock)
-        clock = time.perf_counter()
-        field, factor, refined = np.asarray(self.forward_field(target)), data.factor, None
-        add_seconds(seconds, "network", time.perf_counter() - clock)
-        if self.refine is not None:
-            refined = self.refine_crop(field, target_crop)
-            field, factor = refined.field, refined.factor
-            add_seconds(seconds, "refine", refined.seconds)
+        field, factor, refined = self.field_for(target, None, seconds, target_crop)
         clock = time.perf_counter()
         offset = (np.array(self.atlas.grid.crop_start)
                   - np.array(grid.crop_start)).astype(np.float32)
