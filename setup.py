@@ -10,5 +10,5 @@ setup(
     packages=find_packages(include=["ltnet_keras", "ltnet_keras.*"]),
     python_requires=">=3.10",
     install_requires=[r for r in requirements if r],
-    entry_points={"console_scripts": ["ltnet = ltnet_keras.cli:main"]},
+    entry_points={"console_scripts": ["ltnet = ltnet_keras.cli:run"]},
 )

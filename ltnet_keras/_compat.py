@@ -276,6 +276,11 @@ def _one_line_warning(message, category, filename, lineno, line=None):
     return f"warning: {message}\n"
 
 
+#: Modules TensorFlow imports at its own import but uses only in training from pandas data
+#: (tf_keras' data adapter) or converting to TF Lite: 0.3 and 0.13 s of every start.
+TENSORFLOW_DEFERRED = ("pandas", "tensorflow.lite.python.schema_py_generated")
+
+
 def start_tensorflow_quietly():
     """Import TensorFlow and let it find its devices with the start-up noise filtered out, and
     keep TensorFlow's, absl's and third-party Python warnings out of the terminal: a command
@@ -285,7 +290,7 @@ def start_tensorflow_quietly():
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.formatwarning = _one_line_warning
-    with native_stderr_filtered():
+    with native_stderr_filtered(), stand_ins(TENSORFLOW_DEFERRED):
         import tensorflow as tf
         tf.config.list_physical_devices()
     stable_function_names()
@@ -296,3 +301,13 @@ def start_tensorflow_quietly():
     except ImportError:  # absl comes with TensorFlow; without it there is nothing to quiet
         pass
     return tf
+
+
+def end_process_now(status: int) -> None:
+    """End the process with ``status`` at once, its standard streams flushed: for a process
+    whose outputs are all written and closed. Python's teardown of TensorFlow (unloading its
+    ~3000 modules, stopping its threads) takes ~0.55 s, a seventh of a one-scan command."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+

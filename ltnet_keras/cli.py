@@ -5,7 +5,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from ltnet_keras._compat import set_tensorflow_log_level, start_tensorflow_quietly
+from ltnet_keras._compat import (end_process_now, set_tensorflow_log_level,
+                                 start_tensorflow_quietly)
 from ltnet_keras.config import (ALIGN_MODES, PRESETS, SEGMENT_INTERPOLATIONS, DataConfig,
                                 apply_overrides, config_from_dict, default_data_root, load_config)
 from ltnet_keras.data.errors import VolumeError
@@ -501,5 +502,20 @@ def main(argv=None) -> int:
     return status or 0
 
 
+#: Commands after which the ``ltnet`` command ends without the interpreter's teardown.
+LEAVES_AT_ONCE = ("segment",)
+
+
+def run() -> None:
+    """The ``ltnet`` command (``console_scripts``): :func:`main` on ``sys.argv``. After
+    ``segment`` the process ends at once once its status is known: every output is written
+    and closed by then, and unloading TensorFlow's ~3000 modules and stopping its threads took
+    another 0.55 s of a one-scan command (``benchmarks/README.md``, issue 28)."""
+    status = main()
+    if sys.argv[1:2] and sys.argv[1] in LEAVES_AT_ONCE:
+        end_process_now(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -196,7 +196,15 @@ def test_segment_from_a_fresh_shell_prints_no_tensorflow_log(lpba40_root, tmp_pa
              or re.search(r"oneDNN|cuInit|cuda|absl::InitializeLog", line)]
     assert noise == [], noise
     assert any("S31.nii.gz ->" in line for line in printed), printed
-    assert (tmp_path / "seg" / "S31.nii.gz").exists()
+    # The process ends without Python's teardown (cli.run): the label map is whole...
+    from ltnet_keras.data.io import load_label_map
+    assert load_label_map(tmp_path / "seg" / "S31.nii.gz").array.shape == (160, 192, 160)
+    # ... and a failure's status and message still come out.
+    failed = subprocess.run([sys.executable, "-m", "ltnet_keras.cli", "segment", "--run",
+                             str(run), "--align", "none", "--image", str(tmp_path / "no.nii.gz"),
+                             "--out", str(tmp_path / "seg2")], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert failed.returncode == 2 and "no.nii.gz" in failed.stderr, failed.stderr
 
 
 _PARENT_OF_WORKERS = """

@@ -83,6 +83,28 @@ def test_neurite_loads_without_its_unused_extras_and_gets_them_on_first_use():
     assert lines[3] == "AxesDivider 1"   # neurite's make_axes_locatable is the real one
 
 
+_DEFERRED_BY_TENSORFLOW = """
+import sys
+from ltnet_keras._compat import TENSORFLOW_DEFERRED, start_tensorflow_quietly
+tf = start_tensorflow_quietly()
+print(sum(name in sys.modules for name in TENSORFLOW_DEFERRED))
+# What TensorFlow kept of them loads the real module on first use.
+from tf_keras.src.engine import data_adapter
+from tensorflow.lite.python import util
+import pandas
+print(int(data_adapter.pd.DataFrame is pandas.DataFrame),
+      int(type(util.schema_fb.Model).__name__ == "type"),
+      int(data_adapter._is_pandas_series(pandas.Series([1.0]))))
+"""
+
+
+def test_tensorflow_starts_without_pandas_and_tflite_schema_and_gets_them_on_first_use():
+    import subprocess
+    out = subprocess.run([sys.executable, "-c", _DEFERRED_BY_TENSORFLOW], capture_output=True,
+                         text=True, env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"), check=True)
+    assert out.stdout.split("\n")[:2] == ["0", "1 1 1"], out.stdout
+
+
 def test_stand_ins_leave_already_imported_modules_and_clean_up():
     before = sys.modules["os"]
     with _compat.stand_ins(("os", "ltnet_test_absent_module")):

@@ -151,6 +151,7 @@ def _worker(number: int, payload: bytes, inbox, outbox):
     segments it and writes its outputs. Ends on its own when the parent is gone.
     ``payload``: ``(make_segmenter, options, scan_outputs)`` pickled, read once TensorFlow
     is set up."""
+    from ltnet_keras._compat import end_process_now
     parent = os.getppid()
     try:
         make_segmenter, options, scan_outputs = _start_worker(payload)
@@ -168,8 +169,10 @@ def _worker(number: int, payload: bytes, inbox, outbox):
                 if os.getppid() != parent:
                     return
                 continue
-            if task is None:
-                return
+            if task is None:   # done: what it said reaches the parent, then no teardown
+                outbox.close()
+                outbox.join_thread()
+                end_process_now(0)
             index, kind, image, paths = task
             try:
                 if kind == "check":
