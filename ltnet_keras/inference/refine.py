@@ -30,6 +30,7 @@ import tensorflow as tf
 from ltnet_keras._compat import stable_function_names
 from ltnet_keras.data.preprocess import normalise_intensity
 from ltnet_keras.models import trilinear
+from ltnet_keras.inference.programs import stored_program
 from ltnet_keras.inference.refine_cycle import CycleWeights
 from ltnet_keras.inference.refine_equations import (  # noqa: F401  (the equations, re-exported)
     ADAM_BETAS, ADAM_EPSILON, NCC_EPSILON, adam_update, box_sum, box_sum_axis, corner_table,
@@ -229,7 +230,8 @@ stable_function_names()
 
 
 def _compiled(fn):
-    return tf.function(fn, jit_compile=True, reduce_retracing=False, autograph=False)
+    return stored_program(tf.function(fn, jit_compile=True, reduce_retracing=False,
+                                      autograph=False))
 
 
 @_compiled

@@ -37,6 +37,8 @@ from ltnet_keras.inference.outputs import output_paths, write_segmentation
 from ltnet_keras.inference.refine import (RefineResult, RefineSettings, crop_image,
                                           refine_field)
 from ltnet_keras.inference.refine_cycle import BackwardStart
+from ltnet_keras.inference.transfer_programs import (TRANSFER_CHUNK, field_on_grid,
+                                                     labels_on_grid, labels_through)
 from ltnet_keras.inference.transfer import (_check_method, field_at_points,  # noqa: F401
                                             field_to_grid, sampling_grid, warp_image,
                                             warp_label_map, warp_labels_tf)
@@ -100,10 +102,6 @@ class KeptScans:
         self.used -= nbytes
         return value
 
-
-# Scan voxels per call of the label transfer through an alignment: a fixed size compiles once
-# for every scan shape and bounds the memory of the 8-corner vote (~100 MB a chunk).
-TRANSFER_CHUNK = 1 << 20
 
 
 class Segmenter:
@@ -173,46 +171,15 @@ class Segmenter:
         self.backward_start = BackwardStart(run_dir / BACKWARD_WEIGHTS, self.atlas.image,
                                             self.config.network)
         atlas_input = tf.constant(self.atlas.image[None, ..., None])
-        atlas_labels_tensor = tf.constant(self.atlas_labels.astype(np.int32))
-        generator, method = self.generator, self.label_interp
+        generator = self.generator
 
         # Each graph is traced once per grid shape; later scans reuse it.
         @tf.function(jit_compile=jit_compile, reduce_retracing=True, autograph=False)
         def predict_field(target):
             return generator([atlas_input, target], training=False)[0]
 
-        # XLA fuses the up-sampling and the 8-corner label vote into a few loops over the grid.
-        # ``factor``: the field's grid (the network's, or refinement's finer one) on the crop;
-        # a Python int, so each factor gets its own trace.
-        @tf.function(jit_compile=True, autograph=False)
-        def transfer(field_network, original_shape, crop_start, offset, factor):
-            forward_field = field_to_grid(field_network, original_shape, crop_start, factor)
-            positions = sampling_grid(original_shape) + forward_field + offset
-            return warp_labels_tf(atlas_labels_tensor, positions, method), forward_field
-
-        @tf.function(jit_compile=True, autograph=False)
-        def field_on_grid(field_network, original_shape, crop_start, factor):
-            return field_to_grid(field_network, original_shape, crop_start, factor)
-
-        # One chunk of scan voxels (flat indices into the box ``box_start + [0, box_shape)``):
-        # scan voxel -> atlas-grid point (inverse affine) -> + forward field -> atlas labels.
-        @tf.function(jit_compile=True, autograph=False)
-        def transfer_through(field_network, scan_to_atlas, box_start, box_shape, first,
-                             crop_start, offset, factor):
-            flat = tf.minimum(first + tf.range(TRANSFER_CHUNK, dtype=tf.int32),
-                              tf.reduce_prod(box_shape) - 1)
-            k = flat % box_shape[2]
-            j = (flat // box_shape[2]) % box_shape[1]
-            i = flat // (box_shape[1] * box_shape[2])
-            voxels = tf.cast(tf.stack([i, j, k], -1) + box_start, tf.float32)
-            points = tf.linalg.matvec(scan_to_atlas[:3, :3], voxels) + scan_to_atlas[:3, 3]
-            field_there = field_at_points(field_network, points, crop_start, factor)
-            return warp_labels_tf(atlas_labels_tensor, points + field_there + offset, method)
-
         self._predict_field = predict_field
-        self._transfer = transfer
-        self._field_on_grid = field_on_grid
-        self._transfer_through = transfer_through
+        self.atlas_labels_tensor = tf.constant(self.atlas_labels.astype(np.int32))
 
     def forward_field(self, target: PreparedSubject):
         """``(x, y, z, 3)`` forward field (a tensor) on the network grid for a prepared scan."""
@@ -328,10 +295,11 @@ class Segmenter:
         # start + factor * p (+ block centre) in each, hence a constant offset between them.
         offset = (np.array(self.atlas.grid.crop_start)
                   - np.array(target.grid.crop_start)).astype(np.float32)
-        labels, forward_field = self._transfer(
-            field, tuple(target.grid.original_shape),
-            np.array(target.grid.crop_start, dtype=np.int32), offset, factor)
-        labels, forward_field = labels.numpy(), forward_field.numpy()
+        shape, crop_start = tuple(target.grid.original_shape), np.array(target.grid.crop_start,
+                                                                        np.int32)
+        labels = labels_on_grid(self.atlas_labels_tensor, field, shape, crop_start, offset,
+                                factor, self.label_interp).numpy()
+        forward_field = functools.partial(field_on_grid, field, shape, crop_start, factor)
         seconds["warp"] = time.perf_counter() - clock
         return Segmentation(target.subject, labels.astype(self.atlas_labels.dtype),
                             target.affine, target.header, forward_field, offset, seconds,
@@ -388,7 +356,7 @@ class Segmenter:
         region = label_region(field, factor, grid.crop_start, offset, self._labelled_box,
                               self.atlas_labels.shape)
         labels = self._labels_through(alignment, field, grid.crop_start, offset, factor, region)
-        forward_field = functools.partial(self._field_on_grid, field, tuple(grid.original_shape),
+        forward_field = functools.partial(field_on_grid, field, tuple(grid.original_shape),
                                           np.array(grid.crop_start, np.int32), factor)
         add_seconds(seconds, "labels_to_scan_grid", time.perf_counter() - clock)
         return Segmentation(target.subject, labels.astype(self.atlas_labels.dtype),
@@ -417,10 +385,10 @@ class Segmenter:
         scan_to_atlas = alignment.scan_voxel_to_atlas_voxel.astype(np.float32)
         box = np.empty(total, dtype=np.int32)
         for first in range(0, total, TRANSFER_CHUNK):
-            chunk = self._transfer_through(
-                field_network, scan_to_atlas, start.astype(np.int32),
+            chunk = labels_through(
+                self.atlas_labels_tensor, field_network, scan_to_atlas, start.astype(np.int32),
                 box_shape.astype(np.int32), np.int32(first), np.array(crop_start, np.int32),
-                offset, factor).numpy()
+                offset, factor, self.label_interp).numpy()
             box[first:first + TRANSFER_CHUNK] = chunk[:total - first]
         labels[tuple(slice(a, b) for a, b in zip(start, stop))] = box.reshape(box_shape)
         return labels

@@ -53,20 +53,8 @@ class CaseMaker:
     any factor: atlas labels pulled onto each scan's own grid (Eq. 2)."""
 
     def __init__(self, run_dir=DEFAULT_RUN):
-        import tensorflow as tf
-
         from ltnet_keras.inference.segment import Segmenter
-        from ltnet_keras.inference.transfer import field_to_grid, sampling_grid, warp_labels_tf
         self.segmenter = Segmenter(run_dir, align="none")
-        labels = tf.constant(self.segmenter.atlas_labels.astype(np.int32))
-        method = self.segmenter.label_interp
-
-        @tf.function(jit_compile=True)
-        def transfer(field, original_shape, crop_start, offset, factor):
-            forward = field_to_grid(field, original_shape, crop_start, factor)
-            return warp_labels_tf(labels, sampling_grid(original_shape) + forward + offset,
-                                  method)
-        self._transfer = transfer
 
     def case(self, image_path, label_path, subject: str) -> Case:
         from ltnet_keras.data.io import load_image, load_label_map
@@ -84,8 +72,10 @@ class CaseMaker:
         grid = case.target.grid
         offset = (np.array(self.segmenter.atlas.grid.crop_start)
                   - np.array(grid.crop_start)).astype(np.float32)
-        return self._transfer(np.asarray(field, np.float32), tuple(grid.original_shape),
-                              np.array(grid.crop_start, np.int32), offset, factor).numpy()
+        from ltnet_keras.inference.transfer_programs import labels_on_grid
+        return labels_on_grid(self.segmenter.atlas_labels_tensor, np.asarray(field, np.float32),
+                              tuple(grid.original_shape), np.array(grid.crop_start, np.int32),
+                              offset, factor, self.segmenter.label_interp).numpy()
 
 
 def load_cases(maker: CaseMaker, subjects: Sequence[str], data_root) -> List[Case]:

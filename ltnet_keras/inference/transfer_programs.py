@@ -1,0 +1,55 @@
+"""The label transfer's XLA programs: :mod:`.transfer`'s pieces compiled together, traced once
+per machine (:func:`~ltnet_keras.inference.programs.stored_program`). XLA fuses the field's
+up-sampling and the 8-corner label vote into a few loops over the scan's grid.
+
+``factor``: the field's grid (the network's, or refinement's finer one) on the crop, and
+``method`` (``nearest`` / ``linear``) are Python values: each gets its own program.
+"""
+import tensorflow as tf
+
+from ltnet_keras.inference.programs import stored_program
+from ltnet_keras.inference.transfer import (field_at_points, field_to_grid, sampling_grid,
+                                            warp_labels_tf)
+
+__all__ = ["TRANSFER_CHUNK", "labels_on_grid", "field_on_grid", "labels_through"]
+
+#: Scan voxels per call of :func:`labels_through`: a fixed size compiles once for every scan
+#: shape and bounds the memory of the 8-corner vote (~100 MB a chunk).
+TRANSFER_CHUNK = 1 << 20
+
+
+def _compiled(fn):
+    return stored_program(tf.function(fn, jit_compile=True, autograph=False))
+
+
+@_compiled
+def labels_on_grid(atlas_labels, field_network, original_shape, crop_start, offset, factor,
+                   method):
+    """Atlas labels on the scan's own grid ``original_shape`` through the field of its crop
+    (which starts at ``crop_start``); ``offset``: between the atlas' and the scan's crops."""
+    forward_field = field_to_grid(field_network, original_shape, crop_start, factor)
+    return warp_labels_tf(atlas_labels, sampling_grid(original_shape) + forward_field + offset,
+                          method)
+
+
+@_compiled
+def field_on_grid(field_network, original_shape, crop_start, factor):
+    """The field brought to the scan's own grid, ``(X, Y, Z, 3)`` in its voxels."""
+    return field_to_grid(field_network, original_shape, crop_start, factor)
+
+
+@_compiled
+def labels_through(atlas_labels, field_network, scan_to_atlas, box_start, box_shape, first,
+                   crop_start, offset, factor, method):
+    """One chunk of scan voxels (flat indices ``first + [0, TRANSFER_CHUNK)`` into the box
+    ``box_start + [0, box_shape)``): scan voxel -> atlas-grid point (``scan_to_atlas``, the
+    inverse affine) -> + forward field -> atlas labels."""
+    flat = tf.minimum(first + tf.range(TRANSFER_CHUNK, dtype=tf.int32),
+                      tf.reduce_prod(box_shape) - 1)
+    k = flat % box_shape[2]
+    j = (flat // box_shape[2]) % box_shape[1]
+    i = flat // (box_shape[1] * box_shape[2])
+    voxels = tf.cast(tf.stack([i, j, k], -1) + box_start, tf.float32)
+    points = tf.linalg.matvec(scan_to_atlas[:3, :3], voxels) + scan_to_atlas[:3, 3]
+    field_there = field_at_points(field_network, points, crop_start, factor)
+    return warp_labels_tf(atlas_labels, points + field_there + offset, method)
