@@ -89,8 +89,9 @@ def cmd_cache(args):
         shutil.rmtree(root, ignore_errors=True)
         print(f"removed {root} ({len(files)} files, {size / 1e6:.1f} MB)")
     else:
-        print(f"{root}: {len(files)} compiled programs, {size / 1e6:.1f} MB (this machine and "
-              f"version: {folder.name}); `ltnet cache --clear` removes them")
+        print(f"{root}: {len(files)} files (compiled XLA programs, traced definitions), "
+              f"{size / 1e6:.1f} MB (this machine and version: {folder.name}); `ltnet cache "
+              "--clear` removes them")
 
 
 def cmd_train(args):

@@ -241,6 +241,10 @@ PRESETS: Dict[str, Dict[str, float]] = {
     "trans_anatomy": dict(_OFF, gan=1.0, cyc=10.0, trans=3.0, anatomy_cyc=3.0),
     "ltnet": {},
 }
+#: G_F's and G_B's weights in a training run's folder (here, not in ``training``: segmenting
+#: reads them without importing what training needs).
+FORWARD_WEIGHTS = "forward_generator.h5"
+BACKWARD_WEIGHTS = "backward_generator.h5"
 SEGMENT_INTERPOLATIONS = ("linear", "nearest")
 RECONSTRUCTIONS = ("two_warps", "composed")
 ALIGN_MODES = ("none", "affine")

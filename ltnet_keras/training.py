@@ -22,7 +22,8 @@ from typing import Optional
 
 import tensorflow as tf
 
-from ltnet_keras.config import (ExperimentConfig, check_resume_config, config_to_dict,
+from ltnet_keras.config import (BACKWARD_WEIGHTS, FORWARD_WEIGHTS,  # noqa: F401  (run files)
+                                ExperimentConfig, check_resume_config, config_to_dict,
                                 save_config)
 from ltnet_keras.data.dataset import TrainingData, load_training_data, training_dataset
 # make_strategy and split_cpu are imported from here by callers that train on one machine.
@@ -32,8 +33,6 @@ from ltnet_keras.distribute import (PEER_FAILURES, WorkerLostError, WorkerRole, 
 from ltnet_keras.models.ltnet import LTNet
 from ltnet_keras.records import atomic_write_text, package_versions, shown_path
 
-FORWARD_WEIGHTS = "forward_generator.h5"
-BACKWARD_WEIGHTS = "backward_generator.h5"
 #: Wall time of training, summed over every sitting of a run (resumes included).
 TRAIN_CLOCK = "train_seconds.json"
 # With data.align: affine, the scans aligned to the atlas (and their alignments) are kept here.

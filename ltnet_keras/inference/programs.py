@@ -16,7 +16,9 @@ program. Files are written whole (a temporary file, then a rename), so processes
 store; an unreadable file is traced again and replaced. The store is the ``programs`` folder
 of the XLA cache (``ltnet cache --clear`` removes both; ``LTNET_XLA_CACHE=off``: memory only).
 Programs that capture tensors, call other functions, or take arguments other than tensors,
-arrays and plain Python values are traced as usual.
+arrays and plain Python values are traced as usual. A network's forward pass is stored with its
+weights as constants (``freeze``) under a key that holds their digest: a fresh process then
+neither imports voxelmorph nor builds the network (0.45 s of ``ltnet segment``).
 """
 import contextlib
 import functools
@@ -35,7 +37,7 @@ from google.protobuf.message import DecodeError
 from tensorflow.core.framework import function_pb2
 from tensorflow.python.eager import context
 
-__all__ = ["stored_program", "program_store", "source_digest"]
+__all__ = ["stored_program", "program_store", "source_digest", "file_digest"]
 
 _PLAIN = (bool, int, float, str, type(None))
 
@@ -48,6 +50,11 @@ def source_digest() -> str:
     for path in sorted(root.rglob("*.py")):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
+
+
+def file_digest(path) -> str:
+    """SHA-256 of a file's bytes (a network's weights, for :func:`stored_program`'s ``salt``)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def program_store() -> Optional[Path]:
@@ -134,12 +141,17 @@ def _write(path: Path, definition: function_pb2.FunctionDef, program: _Program) 
             os.unlink(temporary)
 
 
-def _trace(function, args, inputs, name: str
+def _trace(function, args, inputs, name: str, freeze: bool
            ) -> Optional[Tuple[_Program, function_pb2.FunctionDef]]:
-    """Trace ``function`` for ``args``; its definition renamed ``name``, or None when it is
-    not self-contained (captures, nested functions) or its inputs are not ``inputs``."""
+    """Trace ``function`` for ``args`` (``freeze``: its variables made constants); its
+    definition renamed ``name``, or None when it is not self-contained (captures, nested
+    functions) or its inputs are not ``inputs``."""
     concrete = function.get_concrete_function(*args)
     outputs = concrete.structured_outputs
+    if freeze:
+        from tensorflow.python.framework.convert_to_constants import (
+            convert_variables_to_constants_v2)
+        concrete = convert_variables_to_constants_v2(concrete)
     single = isinstance(outputs, tf.Tensor)
     flat = [outputs] if single else list(outputs) if isinstance(outputs, tuple) else None
     definition = function_pb2.FunctionDef()
@@ -154,10 +166,16 @@ def _trace(function, args, inputs, name: str
     return _Program(name, len(flat), single), definition
 
 
-def stored_program(function) -> Callable:
+def stored_program(function, freeze: bool = False, salt: str = "") -> Callable:
     """``function`` (a ``tf.function``) with its traced programs kept in memory and on disk
-    (module docstring). In a graph (inside another trace) it is ``function`` itself."""
-    where = f"{function.python_function.__module__}.{function.python_function.__qualname__}"
+    (module docstring). In a graph (inside another trace) it is ``function`` itself.
+
+    ``freeze``: the variables it reads (a network's weights) are stored as constants, so a
+    later process runs it without building the network; ``salt`` must then name their values
+    (e.g. a digest of the weights file), as it joins the key.
+    """
+    where = (f"{function.python_function.__module__}.{function.python_function.__qualname__}"
+             f"|{salt}")
     programs = {}
 
     @functools.wraps(function.python_function)
@@ -175,7 +193,7 @@ def stored_program(function) -> Callable:
             path = None if store is None else store / f"{name}.pb"
             program = _read(path) if path is not None and path.is_file() else None
             if program is None:
-                traced = _trace(function, args, inputs, name)
+                traced = _trace(function, args, inputs, name, freeze)
                 if traced is None:
                     programs[key] = False
                     return function(*args)

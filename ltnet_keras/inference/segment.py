@@ -21,7 +21,7 @@ import numpy as np
 from ltnet_keras.data.align import (Alignment, AlignmentCache, RegistrationGrids,
                                     RegistrationSettings, check_align_mode, load_ants,
                                     register_affine)
-from ltnet_keras.config import load_config
+from ltnet_keras.config import BACKWARD_WEIGHTS, FORWARD_WEIGHTS, load_config
 from ltnet_keras.data.alignment_check import AlignmentChecker
 from ltnet_keras.data.atlas import recorded_atlas_files
 from ltnet_keras.data.dataset import PreparedSubject, prepare_volumes
@@ -37,6 +37,7 @@ from ltnet_keras.inference.outputs import output_paths, write_segmentation
 from ltnet_keras.inference.refine import (RefineResult, RefineSettings, crop_image,
                                           refine_field)
 from ltnet_keras.inference.refine_cycle import BackwardStart
+from ltnet_keras.inference.programs import file_digest, stored_program
 from ltnet_keras.inference.transfer_programs import (TRANSFER_CHUNK, field_on_grid,
                                                      labels_on_grid, labels_through)
 from ltnet_keras.inference.transfer import (_check_method, field_at_points,  # noqa: F401
@@ -120,9 +121,6 @@ class Segmenter:
                  brain_finder: Optional[BrainFinder] = None, measure_qc: bool = False):
         import tensorflow as tf
 
-        from ltnet_keras.models.generators import make_generator
-        from ltnet_keras.training import BACKWARD_WEIGHTS, FORWARD_WEIGHTS
-
         run_dir = Path(run_dir)
         for needed in ("config.yaml", "atlas.json", FORWARD_WEIGHTS):
             if not (run_dir / needed).exists():
@@ -164,22 +162,36 @@ class Segmenter:
         # Whole-head scans are detected and their brain extracted (templates: the data root's
         # FreeSurfer subjects, or a `freesurfer` collection beside it) unless told otherwise.
         self.brain_finder = brain_finder or default_brain_finder(data.resolved_root())
-        self.generator = make_generator(self.atlas.image.shape, self.config.network,
-                                        "forward_generator")
-        self.generator.load_weights(str(run_dir / FORWARD_WEIGHTS))
+        self._weights_file, self._generator = run_dir / FORWARD_WEIGHTS, None
         # LT-Net at test time: G_B (loaded on first use) starts the backward field.
         self.backward_start = BackwardStart(run_dir / BACKWARD_WEIGHTS, self.atlas.image,
                                             self.config.network)
         atlas_input = tf.constant(self.atlas.image[None, ..., None])
-        generator = self.generator
 
-        # Each graph is traced once per grid shape; later scans reuse it.
         @tf.function(jit_compile=jit_compile, reduce_retracing=True, autograph=False)
-        def predict_field(target):
-            return generator([atlas_input, target], training=False)[0]
+        def predict_field(atlas, target):
+            return self.generator([atlas, target], training=False)[0]
 
-        self._predict_field = predict_field
+        # Traced once per grid shape and kept with G_F's weights as constants: a later process
+        # neither imports voxelmorph nor builds G_F (0.45 s of a one-scan command).
+        field_program = stored_program(predict_field, freeze=True, salt=(
+            f"{file_digest(self._weights_file)}|{self.config.network}|{jit_compile}"))
+        self._predict_field = lambda target: field_program(atlas_input, target)
         self.atlas_labels_tensor = tf.constant(self.atlas_labels.astype(np.int32))
+
+    @property
+    def generator(self):
+        """G_F: voxelmorph's U-Net with the run's weights, built on first use."""
+        if self._generator is None:
+            import tensorflow as tf
+
+            from ltnet_keras.models.generators import make_generator
+            with tf.init_scope():   # its variables live outside any trace that asks for it
+                generator = make_generator(self.atlas.image.shape, self.config.network,
+                                           "forward_generator")
+                generator.load_weights(str(self._weights_file))
+            self._generator = generator
+        return self._generator
 
     def forward_field(self, target: PreparedSubject):
         """``(x, y, z, 3)`` forward field (a tensor) on the network grid for a prepared scan."""

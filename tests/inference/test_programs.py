@@ -140,3 +140,50 @@ def test_a_fresh_process_runs_the_stored_program_without_tracing(tmp_path):
     assert printed[0][0] == "1" and printed[1][0] == "0"
     assert printed[1][1] == printed[0][1]
     assert list((tmp_path / "xla").rglob("programs/*.pb"))
+
+
+_WEIGHTS = {"variable": None}
+
+
+def _scaled(x):
+    return x * _WEIGHTS["variable"]
+
+
+def test_a_frozen_program_keeps_the_weights_it_was_traced_with_under_its_salt(store):
+    _WEIGHTS["variable"] = tf.Variable([2.0, 3.0])
+    first = programs.stored_program(tf.function(_scaled), freeze=True, salt="weights A")
+    np.testing.assert_allclose(first(np.ones(2, np.float32)).numpy(), [2.0, 3.0])
+    assert len(list(store.glob("*.pb"))) == 1
+    _WEIGHTS["variable"] = None                # tracing again would fail: nothing to read
+    again = programs.stored_program(tf.function(_scaled), freeze=True, salt="weights A")
+    np.testing.assert_allclose(again(np.full(2, 2.0, np.float32)).numpy(), [4.0, 6.0])
+    _WEIGHTS["variable"] = tf.Variable([5.0, 7.0])
+    other = programs.stored_program(tf.function(_scaled), freeze=True, salt="weights B")
+    np.testing.assert_allclose(other(np.ones(2, np.float32)).numpy(), [5.0, 7.0])
+    assert len(list(store.glob("*.pb"))) == 2
+
+
+_SEGMENTER_FIELD = """
+import sys
+import numpy as np
+import ltnet_keras
+from ltnet_keras._compat import start_tensorflow_quietly
+start_tensorflow_quietly()
+from ltnet_keras.inference.segment import Segmenter
+segmenter = Segmenter(sys.argv[1], align="none")
+field = np.asarray(segmenter.forward_field(segmenter.prepare(sys.argv[2])))
+print(int("voxelmorph" in sys.modules), float(np.abs(field).sum()))
+"""
+
+
+def test_a_later_process_gets_g_f_s_field_without_building_g_f(tmp_path, lpba40_root):
+    from pathlib import Path
+    run = Path(__file__).resolve().parents[2] / "results" / "recipe" / "ltnet"
+    env = {k: v for k, v in os.environ.items() if k != "TF_XLA_FLAGS"}
+    env.update(LTNET_XLA_CACHE=str(tmp_path / "xla"), TF_CPP_MIN_LOG_LEVEL="3")
+    printed = [subprocess.run([sys.executable, "-c", _SEGMENTER_FIELD, str(run),
+                               str(lpba40_root / "images" / "S31.nii.gz")], env=env,
+                              capture_output=True, text=True, check=True).stdout.split()
+               for _ in range(2)]
+    assert printed[0][0] == "1" and printed[1][0] == "0"   # voxelmorph built G_F the first time
+    assert printed[1][1] == printed[0][1] and float(printed[0][1]) > 0
