@@ -23,6 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
+# This process imports TensorFlow too (scoring): no C++ start-up log in the terminal.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fresh_process import LTNET, REPO, score, timed  # noqa: E402
 
@@ -59,17 +61,25 @@ def _job(run: Path, subjects, folder: Path, env, jobs=None, repeats=1) -> dict:
     row = {"run": str(run.relative_to(REPO)), "subjects": list(subjects)}
     ltnet_out, syn_out = folder / "ltnet", folder / "syn"
     syn_out.mkdir(parents=True, exist_ok=True)
-    commands = {}
+    commands, warm_ups = {}, []
     for j in jobs or [None]:
         name = "ltnet" if j is None else f"ltnet_jobs_{j}"
-        commands[name] = ([LTNET, "segment", "--run", str(run), "--align", config.data.align,
-                           "--refine", "--overwrite", "--out", str(ltnet_out / name), "--image",
-                           *scans] + ([] if j is None else ["--jobs", str(j)]))
+
+        def command(images, out):
+            return ([LTNET, "segment", "--run", str(run), "--align", config.data.align,
+                     "--refine", "--overwrite", "--out", str(out), "--image", *images]
+                    + ([] if j is None else ["--jobs", str(j)]))
+        commands[name] = command(scans, ltnet_out / name)
+        # "After a first run on the machine" of this command: its XLA programs compiled (a
+        # --jobs worker, on one thread, has programs of its own), here on two of the scans.
+        warm_ups.append(command(scans[:2], folder / "warm_up" / name))
     commands["syn"] = [sys.executable, "-c", SYN_BATCH, str(atlas.image), str(atlas.label),
                        table, str(syn_out), *scans]
     # ltnet as a user runs it: ANTs inside it on one ITK thread (its default, which keeps the
     # affine the same bit for bit from run to run and between --jobs); SyN on every core.
     ltnet_env = {k: v for k, v in env.items() if k != "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"}
+    for command in warm_ups:
+        timed(command, ltnet_env)
     seconds = {name: [] for name in commands}
     for _ in range(repeats):
         for name, command in commands.items():
@@ -113,10 +123,6 @@ def main(argv=None):
     rows.update({"cores": cores, f"date_{'_'.join(args.only)}": time.strftime("%Y-%m-%d %H:%M")})
     with tempfile.TemporaryDirectory(prefix="ltnet_as_seen_") as folder:
         folder = Path(folder)
-        # One warm-up run fills the compilation cache (\"after a first run on the machine\").
-        timed([LTNET, "segment", "--run", str(lpba40), "--align", "none", "--refine",
-               "--overwrite", "--out", str(folder / "warm"), "--image",
-               str(_subjects(lpba40)[1]["S40"].image)], env)
         jobs = {"one": (lpba40, ["S31"], None, args.repeats),
                 "batch": (lpba40, [f"S{i}" for i in range(31, 40)], [1, "auto"], 1),
                 "freesurfer": (freesurfer, list(_subjects(freesurfer)[0].data.val_subjects),

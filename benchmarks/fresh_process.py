@@ -20,6 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
+# This process imports TensorFlow too (scoring): no C++ start-up log in the terminal.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 REPO = Path(__file__).resolve().parents[1]
 #: The command of the environment this runs in (a venv need not be activated).
 LTNET = str(Path(sys.executable).with_name("ltnet"))

@@ -378,13 +378,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "from the I-th (0 <= I < N), e.g. $SLURM_ARRAY_TASK_ID/$SLURM_ARRAY_TASK_"
                    "COUNT; N tasks together segment the list once, with the names one "
                    "unsharded run gives")
-    p.add_argument("--jobs", type=_jobs_option, default=1, metavar="N",
+    p.add_argument("--jobs", type=_jobs_option, default="auto", metavar="N",
                    help="segment N scans at once, in N worker processes with one thread "
-                   "each (TensorFlow, ITK), each loading the run once; 'auto': one per usable "
-                   "core, as many as the free memory holds at 3 GiB each. Never more than the "
-                   "scans to do; same files as one process "
-                   "(default 1: one process using every core). With --shard the task's "
-                   "share is split among its N workers")
+                   "each (TensorFlow, ITK), each loading the run once; 'auto' (the default): "
+                   "one per usable core, as many as the free memory holds at 3 GiB each. "
+                   "Never more than the scans to do (one scan: this process, on every core); "
+                   "same files as one process. 1: one process using every core. With --shard "
+                   "the task's share is split among its N workers")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--label-interp", choices=SEGMENT_INTERPOLATIONS)
     p.add_argument("--atlas-image", type=Path, help="override the atlas image path of the run")

@@ -1,6 +1,6 @@
 """Traced programs kept on disk, so that a fresh process does not trace them in Python again.
 
-:func:`stored_program` wraps a ``tf.function`` (``jit_compile=True``). Called eagerly, it runs
+:func:`stored_program` wraps a ``tf.function``. Called eagerly, it runs
 the program traced for the call's signature: from this process' memory; else from the store
 (a ``FunctionDef`` an earlier process wrote, registered with TensorFlow's runtime and called by
 name, as a ``ConcreteFunction`` calls its own); else traced now and written to the store. The
@@ -37,7 +37,7 @@ from google.protobuf.message import DecodeError
 from tensorflow.core.framework import function_pb2
 from tensorflow.python.eager import context
 
-__all__ = ["stored_program", "program_store", "source_digest", "file_digest"]
+__all__ = ["compiled", "stored_program", "program_store", "source_digest", "file_digest"]
 
 _PLAIN = (bool, int, float, str, type(None))
 
@@ -205,6 +205,10 @@ def stored_program(function, freeze: bool = False, salt: str = "") -> Callable:
             return function(*args)
         return program(inputs)
 
-    call.python_function = function.python_function
-    call.traced_function = function
     return call
+
+
+def compiled(fn) -> Callable:
+    """``fn`` as one XLA program per signature (``tf.function(jit_compile=True)``, no
+    AutoGraph: Python control flow runs at trace time), stored (:func:`stored_program`)."""
+    return stored_program(tf.function(fn, jit_compile=True, autograph=False))

@@ -30,7 +30,7 @@ import tensorflow as tf
 from ltnet_keras._compat import stable_function_names
 from ltnet_keras.data.preprocess import normalise_intensity
 from ltnet_keras.models import trilinear
-from ltnet_keras.inference.programs import stored_program
+from ltnet_keras.inference.programs import compiled
 from ltnet_keras.inference.refine_cycle import CycleWeights
 from ltnet_keras.inference.refine_equations import (  # noqa: F401  (the equations, re-exported)
     ADAM_BETAS, ADAM_EPSILON, NCC_EPSILON, adam_update, box_sum, box_sum_axis, corner_table,
@@ -225,40 +225,37 @@ def crop_image(image, grid) -> np.ndarray:
 
 
 # -------------------------------------------------------------------------- one level
-# The refinement's programs come from the XLA cache in any process, the Python API's too.
+# Programs are stored under names of their own (inference/programs.py); the few traced anew in
+# every process (``_square_vjp``: it calls another program) still find their XLA code when
+# their names do not hang on what the process traced before (the Python API's too).
 stable_function_names()
 
 
-def _compiled(fn):
-    return stored_program(tf.function(fn, jit_compile=True, reduce_retracing=False,
-                                      autograph=False))
-
-
-@_compiled
+@compiled
 def _state(base, delta, passes):
     return base + smooth(delta, passes)
 
 
-@_compiled
+@compiled
 def _ncc_piece(target, sums, warped, window):
     return ncc_and_gradient(target, warped, window, sums)
 
 
-@_compiled
+@compiled
 def _chain(field, derivative, similarity, d_warped, weight):
     regulariser, d_field = diffusion_and_gradient(field)
     return (-similarity + weight * regulariser,
             -d_warped[None] * derivative + weight * d_field)
 
 
-@_compiled
+@compiled
 def _square(field):
     """One scaling-and-squaring step ``u + u(grid + u)`` of ``(3, x, y, z)``."""
     moved = tf.transpose(field, [1, 2, 3, 0])[None]
     return field + tf.transpose(trilinear.warp(moved, moved)[0], [3, 0, 1, 2])
 
 
-@_compiled
+@compiled
 def _square_vjp(field, upstream):
     with tf.GradientTape() as tape:
         tape.watch(field)
@@ -283,11 +280,11 @@ def _integrate_vjp(fields, upstream, steps: int):
     return upstream / float(2 ** steps)
 
 
-_adam = _compiled(adam_update)
-_warp = _compiled(warp_and_derivative)
-_target_sums = _compiled(target_sums)
-_corner_table = _compiled(corner_table)
-_smooth_transpose = _compiled(smooth_transpose)
+_adam = compiled(adam_update)
+_warp = compiled(warp_and_derivative)
+_target_sums = compiled(target_sums)
+_corner_table = compiled(corner_table)
+_smooth_transpose = compiled(smooth_transpose)
 
 
 def _loss_and_gradient(table, target, sums, base, delta, settings: RefineSettings, window):

@@ -37,6 +37,7 @@ import numpy as np
 import tensorflow as tf
 
 from ltnet_keras.models import trilinear
+from ltnet_keras.inference.programs import compiled
 from ltnet_keras.inference.refine_equations import (
     adam_update, cells, corner_table, diffusion_and_gradient, ncc_and_gradient, smooth,
     smooth_transpose, target_sums, warp_and_derivative)
@@ -175,16 +176,12 @@ def anatomy_difference(atlas_labels, warped_labels, warped_weights, cycle_labels
 
 
 # -------------------------------------------------------------------------- compiled pieces
-def _compiled(fn):
-    return tf.function(fn, jit_compile=True, reduce_retracing=False, autograph=False)
-
-
-@_compiled
+@compiled
 def _states(base_f, delta_f, base_b, delta_b, passes):
     return base_f + smooth(delta_f, passes), base_b + smooth(delta_b, passes)
 
 
-@_compiled
+@compiled
 def _round_trip(field, moving_table, own_table, own_image, other_field, cycle_weight,
                 trans_weight):
     """One side of the cycle, for ``field`` (``F`` on the target's grid, or ``B`` on the
@@ -208,7 +205,7 @@ def _round_trip(field, moving_table, own_table, own_image, other_field, cycle_we
             jacobian)
 
 
-@_compiled
+@compiled
 def _label_terms(atlas_labels, label_table, forward, round_trip, jacobian, label_count,
                  anatomy_weight, difference_weight):
     """Eq. 9 and 10 and their gradients with respect to ``F`` (through ``u_bar``'s cell) and
@@ -228,12 +225,12 @@ def _label_terms(atlas_labels, label_table, forward, round_trip, jacobian, label
             through_composition(gradient_e, jacobian))
 
 
-@_compiled
+@compiled
 def _ncc_piece(target, sums, warped, window):
     return ncc_and_gradient(target, warped, window, sums)
 
 
-@_compiled
+@compiled
 def _side_gradient(field, similarity, d_similarity, d_warped, round_trip_gradient,
                    label_gradient, similarity_weight, smooth_weight, passes):
     """The loss of one field's own terms and the gradient of everything with respect to its
@@ -245,13 +242,13 @@ def _side_gradient(field, similarity, d_similarity, d_warped, round_trip_gradien
             smooth_transpose(gradient, passes))
 
 
-@_compiled
+@compiled
 def _adam_pair(delta_f, m_f, v_f, gradient_f, delta_b, m_b, v_b, gradient_b, step, rate):
     return (*adam_update(delta_f, m_f, v_f, gradient_f, step, rate),
             *adam_update(delta_b, m_b, v_b, gradient_b, step, rate))
 
 
-@_compiled
+@compiled
 def _tables(atlas, target, atlas_labels):
     return corner_table(atlas), corner_table(target), corner_table(atlas_labels)
 
@@ -282,7 +279,7 @@ def make_level(atlas, target, labels, window: int, label_count: int) -> Level:
                   _target_sums(target, window), labels, label_table, label_count, window)
 
 
-_target_sums = _compiled(target_sums)
+_target_sums = compiled(target_sums)
 
 
 def pair_loss_and_gradients(level: Level, forward, backward, weights: CycleWeights,

@@ -7,7 +7,7 @@ up-sampling and the 8-corner label vote into a few loops over the scan's grid.
 """
 import tensorflow as tf
 
-from ltnet_keras.inference.programs import stored_program
+from ltnet_keras.inference.programs import compiled
 from ltnet_keras.inference.transfer import (field_at_points, field_to_grid, sampling_grid,
                                             warp_labels_tf)
 
@@ -18,11 +18,7 @@ __all__ = ["TRANSFER_CHUNK", "labels_on_grid", "field_on_grid", "labels_through"
 TRANSFER_CHUNK = 1 << 20
 
 
-def _compiled(fn):
-    return stored_program(tf.function(fn, jit_compile=True, autograph=False))
-
-
-@_compiled
+@compiled
 def labels_on_grid(atlas_labels, field_network, original_shape, crop_start, offset, factor,
                    method):
     """Atlas labels on the scan's own grid ``original_shape`` through the field of its crop
@@ -32,13 +28,13 @@ def labels_on_grid(atlas_labels, field_network, original_shape, crop_start, offs
                           method)
 
 
-@_compiled
+@compiled
 def field_on_grid(field_network, original_shape, crop_start, factor):
     """The field brought to the scan's own grid, ``(X, Y, Z, 3)`` in its voxels."""
     return field_to_grid(field_network, original_shape, crop_start, factor)
 
 
-@_compiled
+@compiled
 def labels_through(atlas_labels, field_network, scan_to_atlas, box_start, box_shape, first,
                    crop_start, offset, factor, method):
     """One chunk of scan voxels (flat indices ``first + [0, TRANSFER_CHUNK)`` into the box
