@@ -23,8 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# This process imports TensorFlow too (scoring): no C++ start-up log in the terminal.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fresh_process import LTNET, REPO, score, timed  # noqa: E402
 

@@ -20,8 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# This process imports TensorFlow too (scoring): no C++ start-up log in the terminal.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 REPO = Path(__file__).resolve().parents[1]
 #: The command of the environment this runs in (a venv need not be activated).
 LTNET = str(Path(sys.executable).with_name("ltnet"))
@@ -51,6 +49,8 @@ def timed(command, env) -> float:
 
 def score(labels_path, truth_path, table_path) -> float:
     """The project's per-subject Dice (%) of a written label map (``refine_sweep.score``)."""
+    from ltnet_keras._compat import start_tensorflow_quietly
+    start_tensorflow_quietly()   # scoring imports TensorFlow: without its start-up log
     from ltnet_keras.data.io import load_label_map
     from ltnet_keras.data.labels import LabelTable
     from ltnet_keras.study.refine_sweep import score as dice

@@ -66,6 +66,8 @@ def main(argv=None):
     parser.add_argument("--no-refine", dest="refine", action="store_false")
     parser.add_argument("--json", type=Path, help="write every measurement here as well")
     args = parser.parse_args(argv)
+    from ltnet_keras._compat import start_tensorflow_quietly
+    start_tensorflow_quietly()   # the progress and the table, not TensorFlow's C++ log
 
     from ltnet_keras.data.io import load_label_map
     from ltnet_keras.data.labels import LabelTable
