@@ -309,9 +309,9 @@ class Segmenter:
                   - np.array(target.grid.crop_start)).astype(np.float32)
         shape, crop_start = tuple(target.grid.original_shape), np.array(target.grid.crop_start,
                                                                         np.int32)
-        labels = labels_on_grid(self.atlas_labels_tensor, field, shape, crop_start, offset,
-                                factor, self.label_interp).numpy()
-        forward_field = functools.partial(field_on_grid, field, shape, crop_start, factor)
+        labels, on_grid = labels_on_grid(self.atlas_labels_tensor, field, shape, crop_start,
+                                         offset, factor, self.label_interp)
+        labels, forward_field = labels.numpy(), on_grid.numpy   # the field read if wanted
         seconds["warp"] = time.perf_counter() - clock
         return Segmentation(target.subject, labels.astype(self.atlas_labels.dtype),
                             target.affine, target.header, forward_field, offset, seconds,

@@ -73,9 +73,11 @@ class CaseMaker:
         offset = (np.array(self.segmenter.atlas.grid.crop_start)
                   - np.array(grid.crop_start)).astype(np.float32)
         from ltnet_keras.inference.transfer_programs import labels_on_grid
-        return labels_on_grid(self.segmenter.atlas_labels_tensor, np.asarray(field, np.float32),
-                              tuple(grid.original_shape), np.array(grid.crop_start, np.int32),
-                              offset, factor, self.segmenter.label_interp).numpy()
+        labels, _ = labels_on_grid(
+            self.segmenter.atlas_labels_tensor, np.asarray(field, np.float32),
+            tuple(grid.original_shape), np.array(grid.crop_start, np.int32), offset, factor,
+            self.segmenter.label_interp)
+        return labels.numpy()
 
 
 def load_cases(maker: CaseMaker, subjects: Sequence[str], data_root) -> List[Case]:
