@@ -276,8 +276,8 @@ def _one_line_warning(message, category, filename, lineno, line=None):
     return f"warning: {message}\n"
 
 
-#: Modules TensorFlow imports at its own import but uses only in training from pandas data
-#: (tf_keras' data adapter) or converting to TF Lite: 0.3 and 0.13 s of every start.
+#: Modules TensorFlow imports at its own import but uses only to train on pandas data (tf_keras'
+#: data adapter) or to convert to TF Lite: 0.3 and 0.13 s of every start.
 TENSORFLOW_DEFERRED = ("pandas", "tensorflow.lite.python.schema_py_generated")
 
 
@@ -306,8 +306,8 @@ def start_tensorflow_quietly():
 def end_process_now(status: int) -> None:
     """End the process with ``status`` at once, its standard streams flushed: for a process
     whose outputs are all written and closed. Python's teardown of TensorFlow (unloading its
-    ~3000 modules, stopping its threads) takes ~0.55 s, a seventh of a one-scan command."""
+    ~3000 modules, stopping its threads) takes ~0.55 s (issue 28: a tenth of a one-scan
+    command)."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)
-

@@ -509,8 +509,8 @@ LEAVES_AT_ONCE = ("segment",)
 
 def run() -> None:
     """The ``ltnet`` command (``console_scripts``): :func:`main` on ``sys.argv``. After
-    ``segment`` the process ends at once once its status is known: every output is written
-    and closed by then, and unloading TensorFlow's ~3000 modules and stopping its threads took
+    ``segment`` the process ends as soon as its status is known: every output is written and
+    closed by then, and unloading TensorFlow's ~3000 modules and stopping its threads took
     another 0.55 s of a one-scan command (``benchmarks/README.md``, issue 28)."""
     status = main()
     if sys.argv[1:2] and sys.argv[1] in LEAVES_AT_ONCE:

@@ -104,7 +104,6 @@ class KeptScans:
         return value
 
 
-
 class Segmenter:
     """Loads a run's G_F and atlas once, then segments scans one after another.
 
