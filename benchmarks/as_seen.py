@@ -76,8 +76,8 @@ def _job(run: Path, subjects, folder: Path, env, jobs=None, repeats=1) -> dict:
     # ltnet as a user runs it: ANTs inside it on one ITK thread (its default, which keeps the
     # affine the same bit for bit from run to run and between --jobs); SyN on every core.
     ltnet_env = {k: v for k, v in env.items() if k != "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"}
-    for command in warm_ups:
-        timed(command, ltnet_env)
+    for warm_up in warm_ups:
+        timed(warm_up, ltnet_env)
     seconds = {name: [] for name in commands}
     for _ in range(repeats):
         for name, command in commands.items():
