@@ -176,7 +176,7 @@ class Segmenter:
         field_program = stored_program(predict_field, freeze=True, salt=(
             f"{file_digest(self._weights_file)}|{self.config.network}|{jit_compile}"))
         self._predict_field = lambda target: field_program(atlas_input, target)
-        self.atlas_labels_tensor = tf.constant(self.atlas_labels.astype(np.int32))
+        self._atlas_labels_tensor = tf.constant(self.atlas_labels.astype(np.int32))
 
     @property
     def generator(self):
@@ -302,19 +302,28 @@ class Segmenter:
 
         field, factor, refined = self.field_for(target, image.array, seconds)
         clock = time.perf_counter()
-        # Both crops are centred on their own brain: network voxel p is original voxel
-        # start + factor * p (+ block centre) in each, hence a constant offset between them.
-        offset = (np.array(self.atlas.grid.crop_start)
-                  - np.array(target.grid.crop_start)).astype(np.float32)
-        shape, crop_start = tuple(target.grid.original_shape), np.array(target.grid.crop_start,
-                                                                        np.int32)
-        labels, on_grid = labels_on_grid(self.atlas_labels_tensor, field, shape, crop_start,
-                                         offset, factor, self.label_interp)
+        offset = self.crop_offset(target.grid)
+        labels, on_grid = self.labels_in_place(target.grid, field, factor)
         labels, forward_field = labels.numpy(), on_grid.numpy   # the field read if wanted
         seconds["warp"] = time.perf_counter() - clock
         return Segmentation(target.subject, labels.astype(self.atlas_labels.dtype),
                             target.affine, target.header, forward_field, offset, seconds,
                             network_field=field, refinement=refined, brain=brain), image.array
+
+    def crop_offset(self, grid: GridSpec) -> np.ndarray:
+        """Original voxels between the atlas' crop and a scan's crop ``grid`` (float32): both
+        are centred on their own brain, so network voxel p is original voxel start + factor *
+        p (+ block centre) in each, and the two differ by this constant."""
+        return (np.array(self.atlas.grid.crop_start)
+                - np.array(grid.crop_start)).astype(np.float32)
+
+    def labels_in_place(self, grid: GridSpec, field, factor: int):
+        """Atlas labels on the own grid of a scan in the atlas' space, whose crop is ``grid``,
+        through ``field`` (``(x, y, z, 3)`` on the crop down-sampled by ``factor``, in its
+        voxels): ``(labels, the field on the scan's grid)``, tensors."""
+        return labels_on_grid(self._atlas_labels_tensor, field, tuple(grid.original_shape),
+                              np.array(grid.crop_start, np.int32), self.crop_offset(grid),
+                              factor, self.label_interp)
 
     def alignment(self, scan) -> Alignment:
         """The affine registration of a loaded scan to the atlas (from the cache if kept),
@@ -362,8 +371,7 @@ class Segmenter:
         add_seconds(seconds, "to_atlas_space", time.perf_counter() - clock)
         field, factor, refined = self.field_for(target, None, seconds, target_crop)
         clock = time.perf_counter()
-        offset = (np.array(self.atlas.grid.crop_start)
-                  - np.array(grid.crop_start)).astype(np.float32)
+        offset = self.crop_offset(grid)
         region = label_region(field, factor, grid.crop_start, offset, self._labelled_box,
                               self.atlas_labels.shape)
         labels = self._labels_through(alignment, field, grid.crop_start, offset, factor, region)
@@ -397,7 +405,7 @@ class Segmenter:
         box = np.empty(total, dtype=np.int32)
         for first in range(0, total, TRANSFER_CHUNK):
             chunk = labels_through(
-                self.atlas_labels_tensor, field_network, scan_to_atlas, start.astype(np.int32),
+                self._atlas_labels_tensor, field_network, scan_to_atlas, start.astype(np.int32),
                 box_shape.astype(np.int32), np.int32(first), np.array(crop_start, np.int32),
                 offset, factor, self.label_interp).numpy()
             box[first:first + TRANSFER_CHUNK] = chunk[:total - first]

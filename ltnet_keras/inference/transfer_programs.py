@@ -1,6 +1,7 @@
-"""The label transfer's XLA programs: :mod:`.transfer`'s pieces compiled together, traced once
-per machine (:func:`~ltnet_keras.inference.programs.stored_program`). XLA fuses the field's
-up-sampling and the 8-corner label vote into a few loops over the scan's grid.
+"""The label transfer's XLA programs: :mod:`.transfer`'s pieces compiled, traced once per
+machine (:func:`~ltnet_keras.inference.programs.stored_program`). The field (or where a chunk
+of scan voxels samples the atlas) is one program and the 8-corner label vote another: compiled
+as one, XLA worked the field's interpolation out again inside each of the vote's look-ups.
 
 ``factor``: the field's grid (the network's, or refinement's finer one) on the crop, and
 ``method`` (``nearest`` / ``linear``) are Python values: each gets its own program.

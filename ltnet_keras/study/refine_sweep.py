@@ -49,8 +49,8 @@ class Case:
 
 
 class CaseMaker:
-    """The run's :class:`Segmenter` (G_F, atlas) and a compiled label transfer for fields of
-    any factor: atlas labels pulled onto each scan's own grid (Eq. 2)."""
+    """The run's :class:`Segmenter` (G_F, atlas), whose label transfer pulls the atlas labels
+    onto each scan's own grid through fields of any factor (Eq. 2)."""
 
     def __init__(self, run_dir=DEFAULT_RUN):
         from ltnet_keras.inference.segment import Segmenter
@@ -69,14 +69,8 @@ class CaseMaker:
     def labels(self, case: Case, field: np.ndarray, factor: int) -> np.ndarray:
         """Atlas labels on the scan's own grid through ``field`` (``(x, y, z, 3)`` at
         ``factor``, in its voxels)."""
-        grid = case.target.grid
-        offset = (np.array(self.segmenter.atlas.grid.crop_start)
-                  - np.array(grid.crop_start)).astype(np.float32)
-        from ltnet_keras.inference.transfer_programs import labels_on_grid
-        labels, _ = labels_on_grid(
-            self.segmenter.atlas_labels_tensor, np.asarray(field, np.float32),
-            tuple(grid.original_shape), np.array(grid.crop_start, np.int32), offset, factor,
-            self.segmenter.label_interp)
+        labels, _ = self.segmenter.labels_in_place(case.target.grid,
+                                                   np.asarray(field, np.float32), factor)
         return labels.numpy()
 
 
